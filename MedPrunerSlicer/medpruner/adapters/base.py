@@ -1,0 +1,125 @@
+"""What the engine needs from a model family, so the pruning logic is written once.
+
+An adapter wraps the STOCK transformers model of one family: it turns slices into the model's
+pixel inputs, encodes kept slices while capturing the last vision block's attention scores and
+keys through hooks, builds the prompt ids and the original rotary positions of the full sequence,
+and runs the stock language model on a filtered sequence (prefill, then one token at a time).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+
+@dataclass
+class SlicePixels:
+    """Model-ready pixels of a stack of same-sized slices."""
+
+    pixel_values: torch.Tensor            # the processor's output, slices concatenated in order
+    per_slice: int                        # rows of pixel_values per slice
+    token_grid: tuple[int, int]           # LLM-token grid (h, w) of every slice
+    image_size: tuple[int, int]           # (H, W) in pixels after the processor's own resize
+    extras: dict[str, Any] = field(default_factory=dict)  # family-specific (e.g. grid_thw)
+
+    @property
+    def num_slices(self) -> int:
+        return self.pixel_values.shape[0] // self.per_slice
+
+    def stacked(self) -> torch.Tensor:
+        """(S, per_slice, ...) view, for the slice filter."""
+        return self.pixel_values.reshape(self.num_slices, self.per_slice, *self.pixel_values.shape[1:])
+
+
+@dataclass
+class VisionFeatures:
+    """Vision-encoder outputs of the encoded slices, one entry per slice, tokens in raster order."""
+
+    embeds: list[torch.Tensor]            # (n, D) LLM-ready visual token embeddings
+    scores: list[torch.Tensor]            # (n,) attention received in the last vision block, per LLM token
+    keys: list[torch.Tensor]              # (n, d) last-block keys pooled per LLM token, for similarity
+    token_features: dict[str, list[list[torch.Tensor]]] = field(default_factory=dict)
+    # ^ other per-token features to filter alongside the embeddings: name -> [layer][slice] (n, D)
+
+
+class ModelAdapter(ABC):
+    """Base class of one model family's adapter."""
+
+    family: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    default_max_slices: ClassVar[int] = 32
+    max_preferred_slice_size: ClassVar[int] = 448
+
+    def __init__(self, model, tokenizer, image_processor) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+
+    @classmethod
+    @abstractmethod
+    def model_class(cls):
+        """The stock transformers class to load checkpoints of this family with."""
+
+    @property
+    @abstractmethod
+    def token_pixels(self) -> int:
+        """Side, in model pixels, of the square one LLM token covers."""
+
+    @property
+    def preferred_slice_size(self) -> int:
+        """Square side the volume layer fits slices into: a multiple of token_pixels."""
+        return self.max_preferred_slice_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @abstractmethod
+    def preprocess(self, images: list[np.ndarray]) -> SlicePixels:
+        """Pixels exactly as the checkpoint's own image processor makes them."""
+
+    @abstractmethod
+    def subset(self, pixels: SlicePixels, indices: list[int]) -> SlicePixels:
+        """The pixels of the slices at `indices` only."""
+
+    @abstractmethod
+    def encode(self, pixels: SlicePixels) -> VisionFeatures:
+        """Stock vision encoder on these slices, with last-block scores and keys captured by hooks."""
+
+    @abstractmethod
+    def prompt_ids(self, num_slices: int, tokens_per_slice: int, question: str) -> torch.Tensor:
+        """(1, L) ids of the full prompt, exactly what the stock processor would produce."""
+
+    @abstractmethod
+    def image_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(L,) bool: positions that hold visual tokens."""
+
+    @abstractmethod
+    def positions(self, input_ids: torch.Tensor, num_slices: int, pixels: SlicePixels) -> tuple[torch.Tensor, int]:
+        """Original rotary positions of the FULL sequence (P, L) and the position of the first new token."""
+
+    @abstractmethod
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        visual_embeds: torch.Tensor,
+        visual_features: dict[str, list[torch.Tensor]],
+        positions: torch.Tensor,
+        all_logits: bool = False,
+    ) -> tuple[torch.Tensor, Any]:
+        """Stock language model on the (already filtered) sequence; returns (logits, cache)."""
+
+    @abstractmethod
+    def decode_step(self, token_id: int, position: int, cache: Any) -> torch.Tensor:
+        """One generated token at `position` through the stock language model; returns its logits (V,)."""
+
+    def eos_token_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        if eos is None:
+            return set()
+        return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}

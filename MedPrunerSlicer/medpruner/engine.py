@@ -1,0 +1,397 @@
+"""MedPruner: a stock transformers VLM answering questions about a slice stack, with MedPruner pruning.
+
+Flow of `ask`: slices -> the checkpoint's image processor -> stage 1 slice filter on the normalised
+pixels -> the stock vision encoder on the KEPT slices only (dropped slices are never encoded), with
+the last block's attention captured by hooks -> stage 2 nucleus + contextual merge per slice ->
+the stock language model on the kept tokens at their ORIGINAL rotary positions -> greedy decoding.
+The selection does not depend on the question, so `prepare` holds everything before the prompt.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .adapters import SUPPORTED_FAMILIES, ModelAdapter, SlicePixels, adapter_for
+from .config import PruningConfig
+from .errors import Cancelled, InputError, ModelLoadError
+from .pruning import ROLE_PRUNED, select_tokens, slice_filter
+from .result import AskResult
+
+ProgressFn = Callable[[str, float], None]
+CancelFn = Callable[[], bool]
+
+MAX_QUESTION_CHARS = 4000
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class PreparedVolume:
+    """Everything about a slice stack that does not depend on the question."""
+
+    pixels: SlicePixels
+    config: PruningConfig
+    slice_kept: np.ndarray
+    slice_l1: np.ndarray
+    token_scores: list[np.ndarray | None]
+    token_role: list[np.ndarray | None]
+    visual_keep: torch.Tensor                   # (S * n,) bool over every visual token of the full prompt
+    visual_embeds: torch.Tensor                 # (n_kept, D) merged embeddings of the kept visual tokens
+    visual_features: dict[str, list[torch.Tensor]]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_slices(self) -> int:
+        return int(self.slice_kept.shape[0])
+
+    @property
+    def tokens_per_slice(self) -> int:
+        h, w = self.pixels.token_grid
+        return h * w
+
+
+def _as_images(slices: Any) -> list[np.ndarray]:
+    """Validate the caller's slices and return them as a list of (H, W, 3) uint8 arrays (no copies of RGB input)."""
+    if isinstance(slices, np.ndarray):
+        if slices.dtype != np.uint8:
+            raise InputError(
+                f"Slices must be uint8, got {slices.dtype}.",
+                "Window and scale the volume to 0-255 first (medpruner's volume layer does this).",
+            )
+        if slices.ndim == 3:
+            slices = np.repeat(slices[..., None], 3, axis=-1)
+        if slices.ndim != 4 or slices.shape[-1] != 3:
+            raise InputError(
+                f"Slices must have shape (S, H, W) or (S, H, W, 3), got {slices.shape}.",
+                "Pass a stack of grey or RGB slices.",
+            )
+        if slices.shape[0] < 1 or min(slices.shape[1:3]) < 1:
+            raise InputError(f"The slice stack is empty (shape {slices.shape}).", "Pass at least one slice.")
+        return list(slices)
+    if isinstance(slices, Sequence) and not isinstance(slices, (str, bytes)):
+        if len(slices) == 0:
+            raise InputError("No slices were given.", "Pass at least one slice.")
+        images = []
+        for index, item in enumerate(slices):
+            if not hasattr(item, "convert"):
+                raise InputError(
+                    f"Slice {index} is a {type(item).__name__}, not a PIL image.",
+                    "Pass a numpy uint8 array (S, H, W[, 3]) or a list of PIL images.",
+                )
+            images.append(np.asarray(item.convert("RGB")))
+        if len({im.shape for im in images}) != 1:
+            raise InputError("All slices must have the same size.", "Resample the slices to one size first.")
+        return images
+    raise InputError(
+        f"Slices must be a numpy array or a list of PIL images, got {type(slices).__name__}.",
+        "Pass a numpy uint8 array (S, H, W[, 3]) or a list of PIL images.",
+    )
+
+
+def _check_question(question: Any) -> str:
+    if not isinstance(question, str) or not question.strip():
+        raise InputError("The question is empty.", "Type a question about the volume.")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise InputError(
+            f"The question has {len(question)} characters; the limit is {MAX_QUESTION_CHARS}.",
+            "Ask a shorter question.",
+        )
+    return question
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(
+            "CUDA was requested but this PyTorch cannot use a CUDA GPU "
+            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none'}).",
+            "Use --device cpu, or install a CUDA build of PyTorch that matches your driver.",
+        )
+    return device
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
+    if dtype is None or dtype == "auto":
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"Unknown dtype {dtype!r}.", f"Use one of: auto, {', '.join(DTYPES)}.")
+    return DTYPES[dtype]
+
+
+class _Clock:
+    """Stage timer that waits for the accelerator, so a stage's time is really that stage's."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.timings: dict[str, float] = {}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def stage(self, name: str):
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+
+class MedPruner:
+    """A stock transformers VLM with MedPruner pruning; load with `MedPruner.from_pretrained`."""
+
+    def __init__(self, adapter: ModelAdapter, model_id: str) -> None:
+        self.adapter = adapter
+        self.model_id = model_id
+
+    # -- loading --------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | os.PathLike,
+        device: str | torch.device | None = "cpu",
+        dtype: str | torch.dtype | None = None,
+    ) -> "MedPruner":
+        """Load a checkpoint (local path or hub id) with the stock Auto classes and pick its adapter.
+
+        dtype None keeps the checkpoint's own dtype; device "auto" takes CUDA when available.
+        """
+        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+
+        name = os.fspath(path_or_id)
+        torch_device = _resolve_device(device)
+        torch_dtype = _resolve_dtype(dtype)
+        try:
+            config = AutoConfig.from_pretrained(name)
+        except (OSError, ValueError) as exc:
+            where = "directory" if Path(name).exists() else "path or hub id"
+            raise ModelLoadError(
+                f"Cannot load a model config from {name!r} ({where}): {str(exc).splitlines()[0]}",
+                "Give a local checkpoint directory (with config.json) or a hub id that is cached on this machine.",
+            ) from exc
+        adapter_cls = adapter_for(getattr(config, "model_type", None))
+        if adapter_cls is None:
+            raise ModelLoadError(
+                f"{name!r} is a {getattr(config, 'model_type', 'unknown')!r} model, which MedPruner does not support.",
+                f"Supported model families: {', '.join(SUPPORTED_FAMILIES)}.",
+            )
+        try:
+            model = adapter_cls.model_class().from_pretrained(name, dtype=torch_dtype)
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            # The PIL backend: the torchvision one is not required, and gives different pixels.
+            image_processor = AutoImageProcessor.from_pretrained(name, backend="pil")
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(
+                f"Cannot load the checkpoint {name!r}: {str(exc).splitlines()[0]}",
+                "Check that the directory holds the model weights, tokenizer and preprocessor_config.json.",
+            ) from exc
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ModelLoadError(
+                f"The checkpoint {name!r} has no chat template.",
+                "Add the instruct model's chat_template.jinja (or chat_template.json) to the checkpoint directory.",
+            )
+        model = model.to(torch_device).eval()
+        return cls(adapter_cls(model, tokenizer, image_processor), name)
+
+    @property
+    def model(self):
+        """The stock transformers model object."""
+        return self.adapter.model
+
+    @property
+    def tokenizer(self):
+        return self.adapter.tokenizer
+
+    @property
+    def image_processor(self):
+        return self.adapter.image_processor
+
+    @property
+    def device(self) -> torch.device:
+        return self.adapter.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    # -- the two halves of a question -----------------------------------------------------------
+    @torch.inference_mode()
+    def prepare(
+        self,
+        slices: Any,
+        config: PruningConfig | None = None,
+        progress: ProgressFn | None = None,
+        cancel: CancelFn | None = None,
+    ) -> PreparedVolume:
+        """Question-independent work: pixels, slice filter, vision encoder on kept slices, token selection."""
+        config = config or PruningConfig()
+        if not isinstance(config, PruningConfig):
+            raise InputError(f"config must be a PruningConfig, got {type(config).__name__}.")
+        images = _as_images(slices)
+        clock = _Clock(self.device)
+        notify = progress or (lambda stage, fraction: None)
+        stop = cancel or (lambda: False)
+
+        def checkpoint() -> None:
+            if stop():
+                raise Cancelled()
+
+        notify("preprocess", 0.0)
+        with clock.stage("preprocess"):
+            pixels = self.adapter.preprocess(images)
+        count = pixels.num_slices
+        checkpoint()
+
+        with clock.stage("pruning"):
+            # gamma < 0 keeps every slice but still reports each slice's distance to its predecessor.
+            gamma = config.gamma if config.prunes_slices else -1.0
+            slice_kept, slice_l1 = slice_filter(pixels.stacked(), gamma)
+        kept_index = np.flatnonzero(slice_kept).tolist()
+        checkpoint()
+
+        notify("vision", 0.0)
+        with clock.stage("vision"):
+            features = self.adapter.encode(self.adapter.subset(pixels, kept_index))
+        checkpoint()
+
+        notify("prune", 0.0)
+        token_h, token_w = pixels.token_grid
+        per_slice = token_h * token_w
+        token_scores: list[np.ndarray | None] = [None] * count
+        token_role: list[np.ndarray | None] = [None] * count
+        visual_keep = torch.zeros(count * per_slice, dtype=torch.bool)
+        kept_embeds: list[torch.Tensor] = []
+        kept_features: dict[str, list[list[torch.Tensor]]] = {
+            name: [[] for _ in layers] for name, layers in features.token_features.items()
+        }
+        with clock.stage("pruning"):
+            for position, slice_index in enumerate(kept_index):
+                selection = select_tokens(
+                    features.embeds[position],
+                    features.scores[position],
+                    features.keys[position],
+                    token_filter=config.prunes_tokens,
+                    tau=config.tau,
+                    temperature=config.temperature,
+                    contextual_ratio=config.contextual_ratio,
+                    merge=config.merge,
+                )
+                keep = (selection.roles > ROLE_PRUNED).cpu()
+                visual_keep[slice_index * per_slice:(slice_index + 1) * per_slice] = keep
+                kept_embeds.append(selection.kept_embeds)
+                for name, layers in features.token_features.items():
+                    for layer, per_layer in enumerate(layers):
+                        kept_features[name][layer].append(per_layer[position][keep.to(per_layer[position].device)])
+                token_scores[slice_index] = selection.probs.float().cpu().numpy().reshape(token_h, token_w)
+                token_role[slice_index] = selection.roles.cpu().numpy().reshape(token_h, token_w)
+        checkpoint()
+        return PreparedVolume(
+            pixels=pixels,
+            config=config,
+            slice_kept=slice_kept,
+            slice_l1=slice_l1,
+            token_scores=token_scores,
+            token_role=token_role,
+            visual_keep=visual_keep,
+            visual_embeds=torch.cat(kept_embeds, dim=0),
+            visual_features={name: [torch.cat(chunks, dim=0) for chunks in layers]
+                             for name, layers in kept_features.items()},
+            timings=clock.timings,
+        )
+
+    @torch.inference_mode()
+    def ask(
+        self,
+        slices: Any,
+        question: str,
+        config: PruningConfig | None = None,
+        max_new_tokens: int = 128,
+        progress: ProgressFn | None = None,
+        cancel: CancelFn | None = None,
+    ) -> AskResult:
+        """Answer `question` about `slices` (or a PreparedVolume) with greedy decoding."""
+        start = time.perf_counter()
+        question = _check_question(question)
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        prepared = slices if isinstance(slices, PreparedVolume) else self.prepare(slices, config, progress, cancel)
+        notify = progress or (lambda stage, fraction: None)
+        stop = cancel or (lambda: False)
+        clock = _Clock(self.device)
+
+        notify("answer", 0.0)
+        with clock.stage("prefill"):
+            logits, cache, next_position, full_length, kept_length = self._prefill(prepared, question)
+        token_ids: list[int] = []
+        eos = self.adapter.eos_token_ids()
+        with clock.stage("decode"):
+            for step in range(max_new_tokens):
+                token = int(torch.argmax(logits[-1]))
+                token_ids.append(token)
+                notify("answer", (step + 1) / max_new_tokens)
+                if token in eos or step + 1 == max_new_tokens:
+                    break
+                if stop():
+                    raise Cancelled()
+                logits = self.adapter.decode_step(token, next_position + step, cache)[None]
+        timings = {**{k: prepared.timings.get(k, 0.0) for k in ("preprocess", "vision", "pruning")}, **clock.timings}
+        timings["total"] = time.perf_counter() - start
+        tokens_total = int(prepared.visual_keep.numel())
+        return AskResult(
+            answer=self.tokenizer.decode(token_ids, skip_special_tokens=True).strip(),
+            token_ids=token_ids,
+            slice_kept=prepared.slice_kept,
+            slice_l1=prepared.slice_l1,
+            token_grid=[prepared.pixels.token_grid] * prepared.num_slices,
+            token_scores=prepared.token_scores,
+            token_role=prepared.token_role,
+            counts={
+                "visual_tokens_total": tokens_total,
+                "visual_tokens_kept": int(prepared.visual_keep.sum()),
+                "prompt_tokens_full": full_length,
+                "prompt_tokens_pruned": kept_length,
+                "slices_total": prepared.num_slices,
+                "slices_kept": int(prepared.slice_kept.sum()),
+                "generated_tokens": len(token_ids),
+            },
+            timings=timings,
+            peak_memory_bytes=int(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else None,
+            image_size=prepared.pixels.image_size,
+            model_id=self.model_id,
+            config=prepared.config.to_dict(),
+        )
+
+    @torch.inference_mode()
+    def prefill_logits(self, slices: Any, question: str, config: PruningConfig | None = None) -> torch.Tensor:
+        """Logits (L', V) at every position of the (pruned) prompt: for exactness checks and research."""
+        prepared = slices if isinstance(slices, PreparedVolume) else self.prepare(slices, config)
+        return self._prefill(prepared, _check_question(question), all_logits=True)[0]
+
+    def _prefill(self, prepared: PreparedVolume, question: str, all_logits: bool = False):
+        """Full prompt -> keep mask -> stock language model on kept tokens at their original positions."""
+        adapter = self.adapter
+        input_ids = adapter.prompt_ids(prepared.num_slices, prepared.tokens_per_slice, question)
+        positions, next_position = adapter.positions(input_ids, prepared.num_slices, prepared.pixels)
+        visual = adapter.image_token_mask(input_ids)
+        keep = torch.ones_like(visual)
+        keep[visual] = prepared.visual_keep
+        logits, cache = adapter.prefill(
+            input_ids[:, keep], prepared.visual_embeds, prepared.visual_features, positions[:, keep], all_logits
+        )
+        return logits, cache, next_position, int(input_ids.shape[1]), int(keep.sum())

@@ -1,0 +1,29 @@
+"""Shared fixtures: one tiny real-class checkpoint per test session, loaded through from_pretrained."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_vl(tmp_path_factory):
+    """Path of a tiny Qwen3-VL checkpoint saved in the layout of a real one."""
+    from medpruner.tiny import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-qwen3-vl", family="qwen3_vl")
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_qwen3_vl):
+    from medpruner import MedPruner
+
+    return MedPruner.from_pretrained(tiny_qwen3_vl, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def redundant_slices():
+    """8 slices of 224x224 with exact repeats (the slice filter must drop them) and distinct ones."""
+    rng = np.random.default_rng(7)
+    distinct = rng.integers(0, 256, size=(5, 224, 224, 3), dtype=np.uint8)
+    order = [0, 0, 1, 2, 2, 2, 3, 4]
+    return distinct[order]
