@@ -44,9 +44,12 @@ def nucleus(scores: torch.Tensor, tau: float, temperature: float) -> tuple[torch
     """Information nucleus of one slice.
 
     p = softmax(scores / temperature); tokens sorted by p (descending, stable); the shortest prefix
-    whose cumulative mass reaches tau is selected. Returns (p float64 (n,), selected bool (n,)).
+    whose cumulative mass reaches tau is selected. Every softmax probability is > 0, so tau = 1 keeps
+    every token (rounding must not stop it early). Returns (p float64 (n,), selected bool (n,)).
     """
     probs = torch.softmax(scores.to(torch.float64) / temperature, dim=-1)
+    if tau >= 1.0:
+        return probs, torch.ones_like(probs, dtype=torch.bool)
     order = torch.argsort(probs, descending=True, stable=True)
     mass = torch.cumsum(probs[order], dim=0)
     target = torch.tensor([tau], dtype=mass.dtype, device=mass.device)

@@ -1,0 +1,149 @@
+"""Volume file + question -> answer, heatmaps in the input's geometry, report and overview.
+
+The one code path behind `medpruner ask`, `medpruner demo` and the server: the same request
+gives the same files whichever door it came in through.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import PruningConfig
+from .errors import Cancelled, InputError
+from .report import build_report, write_json_atomic
+
+ProgressFn = Callable[[str, float], None]
+CancelFn = Callable[[], bool]
+
+AXES = ("axial", "coronal", "sagittal")
+MAX_NEW_TOKENS_LIMIT = 4096
+OUTPUT_FILES = ("report.json", "heatmap_kept.nrrd", "heatmap_attention.nrrd", "overview.png")
+
+# Progress: loading and writing take a fixed share; each engine pass (pruned, then unpruned when
+# comparing) shares the rest, split by stage as (start, share) within the pass.
+_LOAD_SHARE, _WRITE_SHARE = 0.05, 0.05
+_PASS_STAGES = {"preprocess": (0.0, 0.1), "vision": (0.1, 0.5), "prune": (0.6, 0.1), "answer": (0.7, 0.3)}
+
+
+@dataclass(frozen=True)
+class AskRequest:
+    """One question about one volume, with every setting that changes the answer."""
+
+    question: str
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    axis: str = "axial"
+    window: str = "auto"
+    max_slices: int | None = None         # None: the model adapter's recommendation
+    max_new_tokens: int = 128
+    series_uid: str | None = None
+    compare: bool = False                 # also answer without pruning, for a side-by-side
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.question, str) or not self.question.strip():
+            raise InputError("The question is empty.", "Type a question about the volume.")
+        if self.axis not in AXES:
+            raise InputError(f"Unknown axis {self.axis!r}.", f"Use one of: {', '.join(AXES)}.")
+        if self.max_slices is not None and (not isinstance(self.max_slices, int) or not 1 <= self.max_slices <= 1024):
+            raise InputError(f"max_slices must be an integer from 1 to 1024, got {self.max_slices!r}.")
+        if not isinstance(self.max_new_tokens, int) or not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+            raise InputError(
+                f"max_new_tokens must be an integer from 1 to {MAX_NEW_TOKENS_LIMIT}, got {self.max_new_tokens!r}."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["pruning"] = self.pruning.to_dict()
+        return data
+
+
+class _Progress:
+    """Turns the engine's per-stage progress into one overall fraction of the job."""
+
+    def __init__(self, callback: ProgressFn | None, passes: int) -> None:
+        self.callback = callback
+        self.passes = passes
+        self.current_pass = 0
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        if self.callback is None:
+            return
+        if stage == "load":
+            overall = _LOAD_SHARE * fraction
+        elif stage == "write":
+            overall = 1.0 - _WRITE_SHARE + _WRITE_SHARE * fraction
+        else:
+            start, share = _PASS_STAGES.get(stage, (0.0, 0.0))
+            middle = 1.0 - _LOAD_SHARE - _WRITE_SHARE
+            overall = _LOAD_SHARE + middle * (self.current_pass + start + share * fraction) / self.passes
+        self.callback(stage, min(max(overall, 0.0), 1.0))
+
+
+def run_ask(
+    engine,
+    volume: str | os.PathLike | Any,
+    request: AskRequest,
+    out_dir: str | os.PathLike,
+    progress: ProgressFn | None = None,
+    cancel: CancelFn | None = None,
+) -> dict[str, Any]:
+    """Answer `request` about `volume` (a path, or an already loaded SimpleITK image); write OUTPUT_FILES
+    into `out_dir`; return the report.
+
+    The volume is read and validated before anything is computed, and nothing is written before
+    the answer exists, so a rejected input or a cancelled job leaves no files behind.
+    """
+    from .heatmaps import build_heatmaps, write_image_atomic
+    from .overview import render_overview
+    from .slicing import prepare_slices
+    from .volume_io import load_volume, validate_volume
+
+    stop = cancel or (lambda: False)
+    tracker = _Progress(progress, passes=2 if request.compare else 1)
+    tracker("load", 0.0)
+    if isinstance(volume, (str, os.PathLike)):
+        image = load_volume(volume, series_uid=request.series_uid)
+    else:
+        image = validate_volume(volume)
+    adapter = engine.adapter
+    stack = prepare_slices(
+        image,
+        axis=request.axis,
+        window=request.window,
+        max_slices=request.max_slices or adapter.default_max_slices,
+        size=adapter.preferred_slice_size,
+        multiple=adapter.token_pixels,
+    )
+    tracker("load", 1.0)
+    if stop():
+        raise Cancelled()
+    result = engine.ask(stack.images, request.question, config=request.pruning,
+                        max_new_tokens=request.max_new_tokens, progress=tracker, cancel=cancel)
+    if tuple(result.image_size) != tuple(stack.images.shape[1:3]):
+        raise InputError(
+            f"The model's image processor resized the {stack.images.shape[2]}x{stack.images.shape[1]} slices to "
+            f"{result.image_size[1]}x{result.image_size[0]}, so heatmaps could not be mapped back exactly.",
+            "Check the checkpoint's preprocessor_config.json size limits (min/max pixels).",
+        )
+    unpruned = None
+    if request.compare:
+        tracker.current_pass = 1
+        unpruned = engine.ask(stack.images, request.question, config=PruningConfig(enabled=False),
+                              max_new_tokens=request.max_new_tokens, progress=tracker, cancel=cancel)
+    if stop():
+        raise Cancelled()
+
+    tracker("write", 0.0)
+    kept_image, attention_image = build_heatmaps(stack.mapping, result, adapter.token_pixels)
+    report = build_report(engine, request, stack, result, unpruned)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_image_atomic(kept_image, out / "heatmap_kept.nrrd")
+    write_image_atomic(attention_image, out / "heatmap_attention.nrrd")
+    render_overview(stack.images, result, out / "overview.png",
+                    title=f"{request.question}  |  {report['tokens']['retention'] * 100:.1f}% of visual tokens kept")
+    write_json_atomic(report, out / "report.json")
+    tracker("write", 1.0)
+    return report
