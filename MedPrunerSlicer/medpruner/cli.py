@@ -131,6 +131,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .tiny import ensure_tiny_checkpoint
 
     progress = _StderrProgress(quiet=args.json)
+    _quiet_transformers()
     if args.model:
         model = args.model
     else:
