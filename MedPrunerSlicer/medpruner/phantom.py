@@ -66,7 +66,7 @@ def make_phantom_ct(
     for k, position in enumerate(uniq):
         plane = vol[k]
         if position < 0.5:
-            for bx, by, br in zip(rng.uniform(-0.35, 0.45, 5), rng.uniform(-0.45, -0.05, 5), rng.uniform(0.03, 0.07, 5)):
+            for bx, by, br in zip(rng.uniform(-0.35, 0.5, 8), rng.uniform(-0.45, 0.0, 8), rng.uniform(0.04, 0.09, 8)):
                 gas = ((x[0] - bx) ** 2 + (y[0] - by) ** 2 <= br**2) & (inner[0] <= 1.0) & ~liver[k]
                 plane[gas] = -1000.0
         if position > 0.45:

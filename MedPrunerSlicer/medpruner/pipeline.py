@@ -143,7 +143,7 @@ def run_ask(
     write_image_atomic(kept_image, out / "heatmap_kept.nrrd")
     write_image_atomic(attention_image, out / "heatmap_attention.nrrd")
     render_overview(stack.images, result, out / "overview.png",
-                    title=f"{request.question}  |  {report['tokens']['retention'] * 100:.1f}% of visual tokens kept")
+                    title=request.question)
     write_json_atomic(report, out / "report.json")
     tracker("write", 1.0)
     return report
