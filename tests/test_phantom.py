@@ -54,7 +54,7 @@ def test_hounsfield_units_and_anatomy():
     assert arr.min() >= -1024  # scanners clip air noise at -1024
     # Hypodense lesion (10 HU) inside the liver (60 HU) on the liver's mid slice.
     z = int(np.argmin(np.abs(np.linspace(0, 1, nz) - 0.3)))
-    assert abs(arr[z, 66:76, 44:54].mean() - 10) < 6 and abs(arr[z, 66:76, 20:30].mean() - 60) < 10
+    assert abs(np.median(arr[z, 66:76, 44:54]) - 10) < 6 and abs(np.median(arr[z, 66:76, 27:35]) - 60) < 8
 
 
 def test_redundant_slices_for_the_slice_filter():
