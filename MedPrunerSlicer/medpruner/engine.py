@@ -95,6 +95,13 @@ def _as_images(slices: Any) -> list[np.ndarray]:
     )
 
 
+def _checked_slice_mask(mask: Any, count: int) -> np.ndarray:
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != (count,) or not mask.any():
+        raise InputError(f"slice_mask must be {count} booleans with at least one True, got shape {mask.shape}.")
+    return mask
+
+
 def _check_question(question: Any) -> str:
     if not isinstance(question, str) or not question.strip():
         raise InputError("The question is empty.", "Type a question about the volume.")
@@ -236,8 +243,19 @@ class MedPruner:
         config: PruningConfig | None = None,
         progress: ProgressFn | None = None,
         cancel: CancelFn | None = None,
+        *,
+        slice_mask: Any = None,
+        token_budget: float | None = None,
+        encode_dropped: bool = False,
     ) -> PreparedVolume:
-        """Question-independent work: pixels, slice filter, vision encoder on kept slices, token selection."""
+        """Question-independent work: pixels, slice filter, vision encoder on kept slices, token selection.
+
+        Benchmark controls (leave them alone for normal use): `slice_mask` (bool (S,)) replaces the
+        slice filter's decisions (the filter still runs, for its distances); `token_budget` in (0, 1]
+        keeps each slice's top share of tokens instead of its nucleus (the merge still runs);
+        `encode_dropped=True` encodes every slice and discards dropped ones afterwards, as the
+        published reference code does.
+        """
         config = config or PruningConfig()
         if not isinstance(config, PruningConfig):
             raise InputError(f"config must be a PruningConfig, got {type(config).__name__}.")
@@ -260,12 +278,18 @@ class MedPruner:
             # gamma < 0 keeps every slice but still reports each slice's distance to its predecessor.
             gamma = config.gamma if config.prunes_slices else -1.0
             slice_kept, slice_l1 = slice_filter(pixels.stacked(), gamma)
+        if slice_mask is not None:
+            slice_kept = _checked_slice_mask(slice_mask, count)
+        if token_budget is not None and not 0 < token_budget <= 1:
+            raise InputError(f"token_budget must be in (0, 1], got {token_budget!r}.")
         kept_index = np.flatnonzero(slice_kept).tolist()
         checkpoint()
 
         notify("vision", 0.0)
+        encoded_index = list(range(count)) if encode_dropped else kept_index
         with clock.stage("vision"):
-            features = self.adapter.encode(self.adapter.subset(pixels, kept_index))
+            features = self.adapter.encode(self.adapter.subset(pixels, encoded_index))
+        feature_of = {slice_index: position for position, slice_index in enumerate(encoded_index)}
         checkpoint()
 
         notify("prune", 0.0)
@@ -279,7 +303,8 @@ class MedPruner:
             name: [[] for _ in layers] for name, layers in features.token_features.items()
         }
         with clock.stage("pruning"):
-            for position, slice_index in enumerate(kept_index):
+            for slice_index in kept_index:
+                position = feature_of[slice_index]
                 selection = select_tokens(
                     features.embeds[position],
                     features.scores[position],
@@ -289,6 +314,7 @@ class MedPruner:
                     temperature=config.temperature,
                     contextual_ratio=config.contextual_ratio,
                     merge=config.merge,
+                    budget=token_budget,
                 )
                 keep = (selection.roles > ROLE_PRUNED).cpu()
                 visual_keep[slice_index * per_slice:(slice_index + 1) * per_slice] = keep
@@ -322,8 +348,12 @@ class MedPruner:
         max_new_tokens: int = 128,
         progress: ProgressFn | None = None,
         cancel: CancelFn | None = None,
+        ignore_eos: bool = False,
     ) -> AskResult:
-        """Answer `question` about `slices` (or a PreparedVolume) with greedy decoding."""
+        """Answer `question` about `slices` (or a PreparedVolume) with greedy decoding.
+
+        `ignore_eos=True` always generates max_new_tokens tokens (fixed-length runs for benchmarks).
+        """
         start = time.perf_counter()
         question = _check_question(question)
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
@@ -339,7 +369,7 @@ class MedPruner:
         with clock.stage("prefill"):
             logits, cache, next_position, full_length, kept_length = self._prefill(prepared, question)
         token_ids: list[int] = []
-        eos = self.adapter.eos_token_ids()
+        eos = set() if ignore_eos else self.adapter.eos_token_ids()
         with clock.stage("decode"):
             for step in range(max_new_tokens):
                 token = int(torch.argmax(logits[-1]))

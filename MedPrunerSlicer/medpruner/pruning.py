@@ -6,6 +6,7 @@ functions are model-agnostic: adapters give them pixels, attention scores, keys 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +55,16 @@ def nucleus(scores: torch.Tensor, tau: float, temperature: float) -> tuple[torch
     mass = torch.cumsum(probs[order], dim=0)
     target = torch.tensor([tau], dtype=mass.dtype, device=mass.device)
     count = min(int(torch.searchsorted(mass, target, side="left")) + 1, probs.numel())
+    selected = torch.zeros_like(probs, dtype=torch.bool)
+    selected[order[:count]] = True
+    return probs, selected
+
+
+def top_fraction(scores: torch.Tensor, fraction: float, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ceil(fraction * n) most probable tokens instead of the nucleus: a fixed operating point for benchmarks."""
+    probs = torch.softmax(scores.to(torch.float64) / temperature, dim=-1)
+    count = min(max(math.ceil(fraction * probs.numel()), 1), probs.numel())
+    order = torch.argsort(probs, descending=True, stable=True)
     selected = torch.zeros_like(probs, dtype=torch.bool)
     selected[order[:count]] = True
     return probs, selected
@@ -122,10 +133,17 @@ def select_tokens(
     temperature: float,
     contextual_ratio: float,
     merge: str,
+    budget: float | None = None,
 ) -> SliceSelection:
-    """Stage 2 for one slice: nucleus probabilities always (for the heatmap), selection if enabled."""
+    """Stage 2 for one slice: nucleus probabilities always (for the heatmap), selection if enabled.
+
+    `budget` replaces the nucleus by the top `budget` share of tokens (benchmark operating points).
+    """
     if token_filter:
-        probs, selected = nucleus(scores, tau, temperature)
+        if budget is None:
+            probs, selected = nucleus(scores, tau, temperature)
+        else:
+            probs, selected = top_fraction(scores, budget, temperature)
         roles, kept = contextual_merge(embeds, keys, selected, contextual_ratio, merge)
         return SliceSelection(roles=roles, probs=probs, kept_embeds=kept)
     probs = torch.softmax(scores.to(torch.float64) / temperature, dim=-1)

@@ -86,8 +86,11 @@ class ModelAdapter(ABC):
         """The pixels of the slices at `indices` only."""
 
     @abstractmethod
-    def encode(self, pixels: SlicePixels) -> VisionFeatures:
-        """Stock vision encoder on these slices, with last-block scores and keys captured by hooks."""
+    def encode(self, pixels: SlicePixels, capture: bool = True) -> VisionFeatures:
+        """Stock vision encoder on these slices, with last-block scores and keys captured by hooks.
+
+        capture=False runs the plain stock encoder (no scores, no keys): the benchmark's ideal path.
+        """
 
     @abstractmethod
     def prompt_ids(self, num_slices: int, tokens_per_slice: int, question: str) -> torch.Tensor:

@@ -87,7 +87,7 @@ class Qwen3VLAdapter(ModelAdapter):
         )
 
     # -- vision ---------------------------------------------------------------------------------
-    def encode(self, pixels: SlicePixels) -> VisionFeatures:
+    def encode(self, pixels: SlicePixels, capture: bool = True) -> VisionFeatures:
         model = self.model.model
         attn = model.visual.blocks[-1].attn
         window = self.merge_size**2
@@ -117,7 +117,7 @@ class Qwen3VLAdapter(ModelAdapter):
         hooks = [
             attn.register_forward_pre_hook(before_attention, with_kwargs=True),
             attn.qkv.register_forward_hook(after_qkv),
-        ]
+        ] if capture else []
         try:
             grid = pixels.extras["grid_thw"].to(self.device)
             out = model.get_image_features(pixels.pixel_values.to(self.device), grid, return_dict=True)
