@@ -14,7 +14,7 @@ from typing import Any
 
 from . import __version__
 from .config import PruningConfig
-from .errors import Cancelled, MedPrunerError
+from .errors import Cancelled, InputError, MedPrunerError
 
 DEMO_QUESTION = "Is there a liver lesion?"
 TINY_WARNING = (
@@ -153,6 +153,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchSettings, parse_slice_counts, run_bench, write_outputs
+    from .bench_models import build_bench_engine
+
+    progress = _StderrProgress()
+    settings = BenchSettings(slices=parse_slice_counts(args.slices), repeats=args.repeats,
+                             max_new_tokens=args.max_new_tokens)
+    if args.repeats < 1 or args.max_new_tokens < 2:
+        raise InputError("--repeats must be >= 1 and --max-new-tokens >= 2.")
+    if args.model:
+        engine = _load_engine(args.model, args.device, args.dtype, progress)
+    else:
+        _quiet_transformers()
+        progress.say(f"[load] {args.config} with random weights ...")
+        engine = build_bench_engine(args.config, device=args.device, dtype=args.dtype)
+    record = run_bench(engine, settings, progress=progress.say)
+    paths = write_outputs(record, args.out)
+    from .bench import markdown_table
+
+    print(markdown_table(record))
+    print("Outputs: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 def _add_common(parser: argparse.ArgumentParser, out_default: str) -> None:
     pruning = parser.add_argument_group("pruning (MedPruner)")
     pruning.add_argument("--gamma", type=float, default=0.05,
@@ -206,6 +230,26 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--series", default=None, help="DICOM SeriesInstanceUID when the folder holds several series")
     _add_common(ask, "medpruner-out")
     ask.set_defaults(func=cmd_ask)
+
+    from .bench_models import BENCH_CONFIGS
+
+    bench = commands.add_parser(
+        "bench", help="measure time to first token with and without pruning, as ratios in one run",
+        description="Times full (stock model), pruned, reference-style (encode all, then prune) and ideal "
+                    "(stock encoder on kept slices + stock prefill on kept tokens) runs, interleaved, at the "
+                    "model's own decisions and at fixed operating points (50% of slices, 10%/5% of tokens).")
+    source = bench.add_mutually_exclusive_group()
+    source.add_argument("--model", default=None, help="a real checkpoint directory or hub id")
+    source.add_argument("--config", default="tiny", choices=BENCH_CONFIGS,
+                        help="a published architecture with random weights (default tiny)")
+    bench.add_argument("--slices", default="16,32,64", help="numbers of slices, comma-separated (default 16,32,64)")
+    bench.add_argument("--repeats", type=int, default=5, help="timed repeats after one warm-up (default 5)")
+    bench.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated per run (default 16)")
+    bench.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    bench.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                       help="default: bfloat16 on CUDA, float32 on CPU (checkpoint's own with --model)")
+    bench.add_argument("--out", default="bench", help="output directory (default bench)")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

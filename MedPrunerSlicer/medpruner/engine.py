@@ -358,9 +358,12 @@ class MedPruner:
         question = _check_question(question)
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        prepared = slices if isinstance(slices, PreparedVolume) else self.prepare(slices, config, progress, cancel)
+        if isinstance(slices, PreparedVolume):
+            prepared = slices   # peak memory then counts from the caller's last reset (e.g. before prepare)
+        else:
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            prepared = self.prepare(slices, config, progress, cancel)
         notify = progress or (lambda stage, fraction: None)
         stop = cancel or (lambda: False)
         clock = _Clock(self.device)

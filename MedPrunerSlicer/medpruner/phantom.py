@@ -10,18 +10,36 @@ Int16 pixels, LPS identity direction, a non-zero origin centred on the body.
 """
 from __future__ import annotations
 
-import numpy as np
-import SimpleITK as sitk
+from typing import TYPE_CHECKING
 
-__all__ = ["make_phantom_ct"]
+import numpy as np
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
+
+__all__ = ["make_phantom_ct", "phantom_ct_array"]
 
 
 def make_phantom_ct(
     shape: tuple[int, int, int] = (64, 160, 160),
     spacing: tuple[float, float, float] = (0.8, 0.8, 2.5),
     seed: int = 0,
-) -> sitk.Image:
+) -> "sitk.Image":
     """Phantom of numpy shape (Z, Y, X), spacing in SimpleITK order (x, y, z) mm; same seed, same voxels."""
+    import SimpleITK as sitk
+
+    nz, ny, nx = (int(s) for s in shape)
+    arr = phantom_ct_array(shape, seed)
+    img = sitk.GetImageFromArray(arr)
+    sp = tuple(float(s) for s in spacing)
+    img.SetSpacing(sp)
+    img.SetOrigin((-(nx - 1) * sp[0] / 2, -(ny - 1) * sp[1] / 2 + 12.5, -150.0))
+    img.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    return img
+
+
+def phantom_ct_array(shape: tuple[int, int, int] = (64, 160, 160), seed: int = 0) -> np.ndarray:
+    """The phantom's Hounsfield units as an int16 array (Z, Y, X), inferior slice first (no SimpleITK needed)."""
     nz, ny, nx = (int(s) for s in shape)
     if min(nz, ny, nx) < 2:
         raise ValueError(f"Phantom shape {shape} needs at least 2 voxels along every axis.")
@@ -76,11 +94,4 @@ def make_phantom_ct(
                 plane[((x[0] - rx) ** 2 + (y[0] - ry) ** 2) <= 0.035**2] = 600.0
     noise = rng.normal(0.0, 12.0, size=vol.shape).astype(np.float32)
     vol = np.where(body <= 1.0, vol + noise, vol)
-    arr = np.clip(np.rint(vol), -1024, 3071).astype(np.int16)[inverse]  # the 12-bit CT range
-
-    img = sitk.GetImageFromArray(arr)
-    sp = tuple(float(s) for s in spacing)
-    img.SetSpacing(sp)
-    img.SetOrigin((-(nx - 1) * sp[0] / 2, -(ny - 1) * sp[1] / 2 + 12.5, -150.0))
-    img.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
-    return img
+    return np.clip(np.rint(vol), -1024, 3071).astype(np.int16)[inverse]  # the 12-bit CT range

@@ -97,6 +97,10 @@ class ModelAdapter(ABC):
         """(1, L) ids of the full prompt, exactly what the stock processor would produce."""
 
     @abstractmethod
+    def stock_inputs(self, pixels: SlicePixels, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Keyword arguments of the stock model's forward/generate for this prompt: the unpruned baseline."""
+
+    @abstractmethod
     def image_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(L,) bool: positions that hold visual tokens."""
 

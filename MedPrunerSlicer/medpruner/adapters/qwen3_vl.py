@@ -138,6 +138,17 @@ class Qwen3VLAdapter(ModelAdapter):
         text = expand_placeholders(text, self.image_token, [tokens_per_slice] * num_slices)
         return tokenize_prompt(self.tokenizer, text)
 
+    def stock_inputs(self, pixels: SlicePixels, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        device = self.device
+        input_ids = input_ids.to(device)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "pixel_values": pixels.pixel_values.to(device),
+            "image_grid_thw": pixels.extras["grid_thw"].to(device),
+            "mm_token_type_ids": (input_ids == self.image_token_id).to(torch.int),
+        }
+
     def image_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         return input_ids.reshape(-1) == self.image_token_id
 

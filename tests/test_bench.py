@@ -1,0 +1,68 @@
+"""`medpruner bench` end to end on CPU with the tiny model: every field present, supplied masks really used."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from medpruner.bench import BenchSettings, parse_slice_counts, run_bench, write_outputs
+from medpruner.errors import InputError
+
+SETTINGS = BenchSettings(slices=(4, 6), repeats=1, max_new_tokens=3)
+
+
+@pytest.fixture(scope="module")
+def record(engine):
+    return run_bench(engine, SETTINGS)
+
+
+def test_record_has_every_field(record):
+    assert record["schema"] == "medpruner.bench/1"
+    assert [e["slices"] for e in record["results"]] == [4, 6]
+    modes = {"full"} | {f"{m}:{op}" for m in ("pruned", "reference", "ideal") for op in ("natural", "s50-t10", "s50-t5")}
+    for entry in record["results"]:
+        assert set(entry["modes"]) == modes
+        for summary in entry["modes"].values():
+            for key in ("ttft_s", "vision_s", "pruning_s", "prefill_s", "decode_s", "decode_tokens_per_s"):
+                assert summary[key]["median"] is not None and summary[key]["min"] <= summary[key]["max"]
+            assert summary["peak_memory_bytes"]["median"] is None   # CPU
+        for ratios in entry["ratios"].values():
+            for key in ("full_over_pruned", "pruned_over_ideal", "reference_over_pruned",
+                        "overhead_share_of_pruned_ttft", "vision_pruned_over_full", "visual_token_share"):
+                assert ratios[key] is not None
+        assert all(len(runs) == SETTINGS.repeats for runs in entry["raw"].values())
+    json.dumps(record, allow_nan=False)
+
+
+def test_supplied_masks_are_the_ones_the_engine_used(record):
+    for entry in record["results"]:
+        n = entry["tokens_per_slice"]
+        for op, share in (("s50-t10", 0.10), ("s50-t5", 0.05)):
+            masks = entry["masks"][op]
+            assert masks["engine_slice_kept"] == masks["supplied_slice_mask"]
+            assert sum(masks["supplied_slice_mask"]) == round(0.5 * entry["slices"])
+            nucleus = math.ceil(share * n)
+            expected = nucleus + min(max(int(0.05 * n), 1), n - nucleus)
+            for kept, tokens in zip(masks["engine_slice_kept"], masks["engine_tokens_kept_per_slice"]):
+                assert tokens == (expected if kept else 0)
+            assert entry["modes"][f"pruned:{op}"]["visual_tokens_kept"] == expected * sum(masks["engine_slice_kept"])
+        for op in ("natural", "s50-t10", "s50-t5"):
+            assert entry["masks"][op]["reference_decisions_equal"]
+            pruned, ideal = entry["modes"][f"pruned:{op}"], entry["modes"][f"ideal:{op}"]
+            assert pruned["visual_tokens_kept"] == ideal["visual_tokens_kept"]
+            assert pruned["prompt_tokens"] == ideal["prompt_tokens"] < entry["modes"]["full"]["prompt_tokens"] or op == "natural"
+
+
+def test_outputs_written(record, tmp_path):
+    paths = write_outputs(record, tmp_path)
+    assert sorted(p.name for p in paths) == ["bench.json", "bench.md", "bench_split.png", "bench_ttft.png"]
+    table = (tmp_path / "bench.md").read_text()
+    assert table.count("\n| 4 |") == 3 and table.count("\n| 6 |") == 3
+    assert json.loads((tmp_path / "bench.json").read_text())["results"][0]["slices"] == 4
+
+
+@pytest.mark.parametrize("text", ["", "a,b", "0,4", "16,5000"])
+def test_bad_slice_lists(text):
+    with pytest.raises(InputError):
+        parse_slice_counts(text)
