@@ -40,7 +40,7 @@ def test_tau_one_keeps_every_token(scores, temperature):
     assert bool(selected.all())
 
 
-stacks = arrays(np.uint8, st.tuples(st.integers(1, 12), st.integers(1, 6), st.integers(1, 6)),
+stacks = arrays(np.uint8, st.tuples(st.integers(1, 20), st.integers(1, 6), st.integers(1, 6)),
                 elements=st.integers(0, 3))
 
 
@@ -103,7 +103,8 @@ def test_contextual_merge_partitions_and_conserves(n, dim, ratio, merge, seed, k
     embeds = torch.randn(n, dim, generator=gen)
     keys = torch.randn(n, dim, generator=gen)
     selected = torch.rand(n, generator=gen) < keep_share
-    roles, kept = contextual_merge(embeds, keys, selected, ratio, merge)
+    roles, merged = contextual_merge(embeds, keys, selected, ratio, merge)
+    kept = merged[roles > 0]
     rest = int((~selected).sum())
     n_ctx = max(int(ratio * n), 1)
     assert int((roles == ROLE_NUCLEUS).sum()) == int(selected.sum())
@@ -124,3 +125,27 @@ def test_contextual_merge_partitions_and_conserves(n, dim, ratio, merge, seed, k
         merged = kept[kept_roles == ROLE_CONTEXTUAL]
         total = (merged * sizes[:, None]).sum(0)
         torch.testing.assert_close(total, embeds[~selected].sum(0), atol=1e-4, rtol=1e-4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    slices=st.integers(1, 6),
+    n=st.integers(2, 60),
+    tau=taus,
+    ratio=st.floats(0, 0.5),
+    merge=st.sampled_from(["reference", "mean"]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_all_slices_at_once_equals_one_slice_at_a_time(slices, n, tau, ratio, merge, seed):
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randn(slices, n, generator=gen) * 3
+    embeds = torch.randn(slices, n, 5, generator=gen)
+    keys = torch.randn(slices, n, 4, generator=gen)
+    probs, selected = nucleus(scores, tau, 2.0)
+    roles, merged = contextual_merge(embeds, keys, selected, ratio, merge)
+    for row in range(slices):
+        p1, s1 = nucleus(scores[row], tau, 2.0)
+        r1, m1 = contextual_merge(embeds[row], keys[row], s1, ratio, merge)
+        assert torch.equal(s1, selected[row]) and torch.allclose(p1, probs[row])
+        assert torch.equal(r1, roles[row])
+        torch.testing.assert_close(m1, merged[row])

@@ -173,10 +173,9 @@ def _run_ideal(engine, prepared, settings: BenchSettings, timer: _Timer):
     start = timer.now()
     with torch.inference_mode():
         features = adapter.encode(adapter.subset(prepared.pixels, kept), capture=False)
-        keep = [torch.from_numpy(prepared.token_role[s].ravel() > 0).to(adapter.device) for s in kept]
-        embeds = torch.cat([e[k] for e, k in zip(features.embeds, keep)])
-        token_features = {name: [torch.cat([per_slice[j][keep[j]] for j in range(len(kept))]) for per_slice in layers]
-                          for name, layers in features.token_features.items()}
+        keep = torch.from_numpy(np.stack([prepared.token_role[s].ravel() > 0 for s in kept])).to(adapter.device)
+        embeds = features.embeds[keep]
+        token_features = {name: [layer[keep] for layer in layers] for name, layers in features.token_features.items()}
     vision = timer.now() - start
     ideal = PreparedVolume(
         pixels=prepared.pixels, config=prepared.config, slice_kept=prepared.slice_kept,

@@ -22,7 +22,7 @@ import torch
 from .adapters import SUPPORTED_FAMILIES, ModelAdapter, SlicePixels, adapter_for
 from .config import PruningConfig
 from .errors import Cancelled, InputError, ModelLoadError
-from .pruning import ROLE_PRUNED, select_tokens, slice_filter
+from .pruning import select_tokens, slice_filter
 from .result import AskResult
 
 ProgressFn = Callable[[str, float], None]
@@ -289,41 +289,39 @@ class MedPruner:
         encoded_index = list(range(count)) if encode_dropped else kept_index
         with clock.stage("vision"):
             features = self.adapter.encode(self.adapter.subset(pixels, encoded_index))
-        feature_of = {slice_index: position for position, slice_index in enumerate(encoded_index)}
         checkpoint()
 
         notify("prune", 0.0)
         token_h, token_w = pixels.token_grid
-        per_slice = token_h * token_w
+        with clock.stage("pruning"):
+            embeds, scores, keys = features.embeds, features.scores, features.keys
+            token_features = features.token_features
+            if encode_dropped:   # reference style: every slice was encoded; keep the kept ones' rows
+                rows = torch.as_tensor(kept_index, device=embeds.device)
+                embeds, scores, keys = embeds[rows], scores[rows], keys[rows]
+                token_features = {name: [layer[rows] for layer in layers] for name, layers in token_features.items()}
+            selection = select_tokens(
+                embeds, scores, keys,
+                token_filter=config.prunes_tokens,
+                tau=config.tau,
+                temperature=config.temperature,
+                contextual_ratio=config.contextual_ratio,
+                merge=config.merge,
+                budget=token_budget,
+            )
+            keep = selection.keep
+            visual_embeds = selection.merged[keep]            # (n_kept, D): slice order, raster order
+            visual_features = {name: [layer[keep] for layer in layers] for name, layers in token_features.items()}
+            keep_rows = keep.cpu()
+            visual_keep = torch.zeros(count, token_h * token_w, dtype=torch.bool)
+            visual_keep[kept_index] = keep_rows
+            probs = selection.probs.float().cpu().numpy().reshape(-1, token_h, token_w)
+            roles = selection.roles.cpu().numpy().reshape(-1, token_h, token_w)
         token_scores: list[np.ndarray | None] = [None] * count
         token_role: list[np.ndarray | None] = [None] * count
-        visual_keep = torch.zeros(count * per_slice, dtype=torch.bool)
-        kept_embeds: list[torch.Tensor] = []
-        kept_features: dict[str, list[list[torch.Tensor]]] = {
-            name: [[] for _ in layers] for name, layers in features.token_features.items()
-        }
-        with clock.stage("pruning"):
-            for slice_index in kept_index:
-                position = feature_of[slice_index]
-                selection = select_tokens(
-                    features.embeds[position],
-                    features.scores[position],
-                    features.keys[position],
-                    token_filter=config.prunes_tokens,
-                    tau=config.tau,
-                    temperature=config.temperature,
-                    contextual_ratio=config.contextual_ratio,
-                    merge=config.merge,
-                    budget=token_budget,
-                )
-                keep = (selection.roles > ROLE_PRUNED).cpu()
-                visual_keep[slice_index * per_slice:(slice_index + 1) * per_slice] = keep
-                kept_embeds.append(selection.kept_embeds)
-                for name, layers in features.token_features.items():
-                    for layer, per_layer in enumerate(layers):
-                        kept_features[name][layer].append(per_layer[position][keep.to(per_layer[position].device)])
-                token_scores[slice_index] = selection.probs.float().cpu().numpy().reshape(token_h, token_w)
-                token_role[slice_index] = selection.roles.cpu().numpy().reshape(token_h, token_w)
+        for row, slice_index in enumerate(kept_index):
+            token_scores[slice_index] = probs[row]
+            token_role[slice_index] = roles[row]
         checkpoint()
         return PreparedVolume(
             pixels=pixels,
@@ -332,10 +330,9 @@ class MedPruner:
             slice_l1=slice_l1,
             token_scores=token_scores,
             token_role=token_role,
-            visual_keep=visual_keep,
-            visual_embeds=torch.cat(kept_embeds, dim=0),
-            visual_features={name: [torch.cat(chunks, dim=0) for chunks in layers]
-                             for name, layers in kept_features.items()},
+            visual_keep=visual_keep.reshape(-1),
+            visual_embeds=visual_embeds,
+            visual_features=visual_features,
             timings=clock.timings,
         )
 

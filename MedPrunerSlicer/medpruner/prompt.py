@@ -2,8 +2,8 @@
 
 Qwen-VL processors need torchvision (for their video half), which cannot be installed beside a CPU
 torch here, so we do their text work ourselves: render the checkpoint's own chat template for one
-user turn of S images then the question, expand every image placeholder into as many placeholder
-tokens as the image has LLM tokens, and tokenize with the checkpoint's tokenizer.
+user turn of S images then the question, tokenize it with the checkpoint's tokenizer, and expand
+every image placeholder id into as many placeholder ids as the image has LLM tokens.
 """
 from __future__ import annotations
 
@@ -23,19 +23,23 @@ def render_prompt(tokenizer, num_images: int, question: str) -> str:
     return tokenizer.apply_chat_template(user_turn(num_images, question), add_generation_prompt=True, tokenize=False)
 
 
-def expand_placeholders(text: str, placeholder: str, tokens_per_image: Sequence[int]) -> str:
-    """Replace the i-th `placeholder` by `tokens_per_image[i]` copies of it, as the stock processor does."""
-    pieces = text.split(placeholder)
-    if len(pieces) - 1 != len(tokens_per_image):
+def expand_placeholder_ids(ids: torch.Tensor, placeholder_id: int, tokens_per_image: int, num_images: int) -> torch.Tensor:
+    """Repeat each image placeholder id `tokens_per_image` times in (1, L) ids.
+
+    The same ids the stock processor gets by repeating the placeholder in the text before
+    tokenizing (a special token is matched whole, so the text around it tokenizes the same), without
+    tokenizing thousands of placeholders.
+    """
+    row = ids[0]
+    is_placeholder = row == placeholder_id
+    found = int(is_placeholder.sum())
+    if found != num_images:
         raise ValueError(
-            f"The chat template produced {len(pieces) - 1} image placeholders for {len(tokens_per_image)} slices; "
+            f"The chat template produced {found} image placeholders for {num_images} slices; "
             "the checkpoint's chat template does not render one image per slice."
         )
-    out = [pieces[0]]
-    for count, piece in zip(tokens_per_image, pieces[1:]):
-        out.append(placeholder * int(count))
-        out.append(piece)
-    return "".join(out)
+    repeats = torch.where(is_placeholder, tokens_per_image, 1)
+    return row.repeat_interleave(repeats)[None]
 
 
 def tokenize_prompt(tokenizer, text: str) -> torch.Tensor:

@@ -30,19 +30,19 @@ class SlicePixels:
         return self.pixel_values.shape[0] // self.per_slice
 
     def stacked(self) -> torch.Tensor:
-        """(S, per_slice, ...) view, for the slice filter."""
+        """(S, per_slice, ...) view, for the slice filter and for picking slices."""
         return self.pixel_values.reshape(self.num_slices, self.per_slice, *self.pixel_values.shape[1:])
 
 
 @dataclass
 class VisionFeatures:
-    """Vision-encoder outputs of the encoded slices, one entry per slice, tokens in raster order."""
+    """Vision-encoder outputs of K encoded slices of n LLM tokens each, tokens in raster order."""
 
-    embeds: list[torch.Tensor]            # (n, D) LLM-ready visual token embeddings
-    scores: list[torch.Tensor]            # (n,) attention received in the last vision block, per LLM token
-    keys: list[torch.Tensor]              # (n, d) last-block keys pooled per LLM token, for similarity
-    token_features: dict[str, list[list[torch.Tensor]]] = field(default_factory=dict)
-    # ^ other per-token features to filter alongside the embeddings: name -> [layer][slice] (n, D)
+    embeds: torch.Tensor                  # (K, n, D) LLM-ready visual token embeddings
+    scores: torch.Tensor | None           # (K, n) attention received in the last vision block, per LLM token
+    keys: torch.Tensor | None             # (K, n, d) last-block keys pooled per LLM token, for similarity
+    token_features: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    # ^ other per-token features to filter alongside the embeddings: name -> per layer (K, n, D)
 
 
 class ModelAdapter(ABC):

@@ -16,8 +16,11 @@ import torch
 from transformers import Qwen3VLForConditionalGeneration
 from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
 
-from ..prompt import expand_placeholders, render_prompt, tokenize_prompt
+from ..prompt import expand_placeholder_ids, render_prompt, tokenize_prompt
 from .base import ModelAdapter, SlicePixels, VisionFeatures
+
+# Memory for one chunk of per-slice attention matrices while scoring (float32).
+SCORE_CHUNK_BYTES = 256 * 2**20
 
 
 class Qwen3VLAdapter(ModelAdapter):
@@ -68,7 +71,7 @@ class Qwen3VLAdapter(ModelAdapter):
             raise ValueError("The image processor gave slices different grids; all slices must have the same size.")
         t, h, w = (int(v) for v in grid[0])
         return SlicePixels(
-            pixel_values=out["pixel_values"],
+            pixel_values=out["pixel_values"].to(self.device),   # one transfer; the filter and encoder read it there
             per_slice=t * h * w,
             token_grid=(h // self.merge_size, w // self.merge_size),
             image_size=(h * self.patch_size, w * self.patch_size),
@@ -77,7 +80,7 @@ class Qwen3VLAdapter(ModelAdapter):
 
     def subset(self, pixels: SlicePixels, indices: list[int]) -> SlicePixels:
         index = torch.as_tensor(indices, dtype=torch.long)
-        rows = pixels.stacked()[index].reshape(-1, *pixels.pixel_values.shape[1:])
+        rows = pixels.stacked()[index.to(pixels.pixel_values.device)].reshape(-1, *pixels.pixel_values.shape[1:])
         return SlicePixels(
             pixel_values=rows,
             per_slice=pixels.per_slice,
@@ -91,12 +94,10 @@ class Qwen3VLAdapter(ModelAdapter):
         model = self.model.model
         attn = model.visual.blocks[-1].attn
         window = self.merge_size**2
-        scores: list[torch.Tensor] = []
-        keys: list[torch.Tensor] = []
+        count = pixels.num_slices
         seen: dict[str, Any] = {}
 
         def before_attention(module, args, kwargs):
-            seen["cu_seqlens"] = kwargs["cu_seqlens"]
             seen["rotary"] = kwargs["position_embeddings"]
 
         def after_qkv(module, args, output):
@@ -105,14 +106,18 @@ class Qwen3VLAdapter(ModelAdapter):
             q, k, _ = output.reshape(length, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
             cos, sin = seen["rotary"]
             q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
-            bounds = seen["cu_seqlens"].tolist()
-            for start, stop in zip(bounds[:-1], bounds[1:]):   # one slice at a time: never N_total^2
-                qs = q[start:stop].transpose(0, 1).float()     # (heads, n, d)
-                ks = k[start:stop].transpose(0, 1).float()
-                weights = torch.softmax((qs @ ks.transpose(1, 2)) * attn.scaling, dim=-1)
-                received = weights.mean(0).sum(0)              # mean over heads, sum over queries
-                scores.append(received.view(-1, window).mean(1))
-                keys.append(ks.transpose(0, 1).reshape(-1, window, ks.shape[0], ks.shape[2]).mean(1).mean(1))
+            patches = length // count              # the block attends within each slice (cu_seqlens)
+            q = q.reshape(count, patches, attn.num_heads, -1).transpose(1, 2)   # (K, heads, patches, d)
+            k = k.reshape(count, patches, attn.num_heads, -1).transpose(1, 2)
+            # Each slice's own attention matrix (never one over all slices), a chunk of slices at a time.
+            chunk = max(1, SCORE_CHUNK_BYTES // (attn.num_heads * patches * patches * 4))
+            received = []
+            for first in range(0, count, chunk):
+                logits = q[first:first + chunk].float() @ k[first:first + chunk].float().transpose(-1, -2)
+                received.append(torch.softmax(logits * attn.scaling, dim=-1).mean(dim=1).sum(dim=1))
+            seen["scores"] = torch.cat(received).reshape(count, -1, window).mean(dim=-1)
+            pooled = k.float().transpose(1, 2).reshape(count, -1, window, attn.num_heads, k.shape[-1])
+            seen["keys"] = pooled.mean(dim=2).mean(dim=2)
 
         hooks = [
             attn.register_forward_pre_hook(before_attention, with_kwargs=True),
@@ -124,19 +129,17 @@ class Qwen3VLAdapter(ModelAdapter):
         finally:
             for hook in hooks:
                 hook.remove()
-        deepstack = [list(layer) for layer in out.deepstack_features]
         return VisionFeatures(
-            embeds=list(out.pooler_output),
-            scores=scores,
-            keys=keys,
-            token_features={"deepstack": deepstack},
+            embeds=torch.stack(out.pooler_output),
+            scores=seen.get("scores"),
+            keys=seen.get("keys"),
+            token_features={"deepstack": [torch.stack(layer) for layer in out.deepstack_features]},
         )
 
     # -- language -------------------------------------------------------------------------------
     def prompt_ids(self, num_slices: int, tokens_per_slice: int, question: str) -> torch.Tensor:
-        text = render_prompt(self.tokenizer, num_slices, question)
-        text = expand_placeholders(text, self.image_token, [tokens_per_slice] * num_slices)
-        return tokenize_prompt(self.tokenizer, text)
+        ids = tokenize_prompt(self.tokenizer, render_prompt(self.tokenizer, num_slices, question))
+        return expand_placeholder_ids(ids, self.image_token_id, tokens_per_slice, num_slices)
 
     def stock_inputs(self, pixels: SlicePixels, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         device = self.device
