@@ -20,7 +20,9 @@ def record(engine):
 def test_record_has_every_field(record):
     assert record["schema"] == "medpruner.bench/1"
     assert [e["slices"] for e in record["results"]] == [4, 6]
-    modes = {"full"} | {f"{m}:{op}" for m in ("pruned", "reference", "ideal") for op in ("natural", "s50-t10", "s50-t5")}
+    modes = {"full", "followup:natural"} | {
+        f"{m}:{op}" for m in ("pruned", "reference", "ideal") for op in ("natural", "s50-t10", "s50-t5")
+    }
     for entry in record["results"]:
         assert set(entry["modes"]) == modes
         for summary in entry["modes"].values():
@@ -32,6 +34,11 @@ def test_record_has_every_field(record):
                         "overhead_share_of_pruned_ttft", "vision_pruned_over_full", "visual_token_share"):
                 assert ratios[key] is not None
         assert all(len(runs) == SETTINGS.repeats for runs in entry["raw"].values())
+        assert entry["followup"]["fresh_pruned_over_followup"] is not None
+        assert entry["followup"]["full_over_followup"] is not None
+        # A follow-up runs no vision and no selection, and prefills only the question.
+        followup = entry["modes"]["followup:natural"]
+        assert followup["vision_s"]["max"] == 0 and followup["pruning_s"]["max"] == 0
     json.dumps(record, allow_nan=False)
 
 
@@ -58,7 +65,8 @@ def test_outputs_written(record, tmp_path):
     paths = write_outputs(record, tmp_path)
     assert sorted(p.name for p in paths) == ["bench.json", "bench.md", "bench_split.png", "bench_ttft.png"]
     table = (tmp_path / "bench.md").read_text()
-    assert table.count("\n| 4 |") == 3 and table.count("\n| 6 |") == 3
+    assert table.count("\n| 4 |") == 4 and table.count("\n| 6 |") == 4   # 3 operating points + follow-up
+    assert "Follow-up question" in table
     assert json.loads((tmp_path / "bench.json").read_text())["results"][0]["slices"] == 4
 
 

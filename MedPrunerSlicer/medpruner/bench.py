@@ -33,6 +33,7 @@ OPERATING_POINTS: tuple[tuple[str, float | None, float | None], ...] = (
 )
 ENGINE_MODES = ("pruned", "reference", "ideal")
 BENCH_QUESTION = "Is there a liver lesion?"
+FOLLOWUP_QUESTION = "Where is it, and how large is it?"
 
 
 @dataclass(frozen=True)
@@ -155,35 +156,46 @@ def _run_full(engine, pixels, input_ids, settings: BenchSettings, timer: _Timer)
 
 
 def _run_engine(engine, images, op, settings: BenchSettings, timer: _Timer, encode_dropped: bool):
+    """A fresh pruned ask (vision, selection, prefix and question prefill all timed by the engine)."""
     name, slice_share, token_share = op
     timer.reset_peak()
-    prepared = engine.prepare(images, PruningConfig(), slice_mask=_slice_mask(len(images), slice_share),
-                              token_budget=token_share, encode_dropped=encode_dropped)
-    result = engine.ask(prepared, settings.question, max_new_tokens=settings.max_new_tokens, ignore_eos=True)
-    return prepared, result
+    return engine.ask(images, settings.question, PruningConfig(), max_new_tokens=settings.max_new_tokens,
+                      ignore_eos=True, slice_mask=_slice_mask(len(images), slice_share),
+                      token_budget=token_share, encode_dropped=encode_dropped)
 
 
-def _run_ideal(engine, prepared, settings: BenchSettings, timer: _Timer):
-    """Stock encoder on kept slices, kept tokens gathered by the known masks, stock prefill: no selection."""
+def _run_ideal(engine, pixels, pruned, settings: BenchSettings, timer: _Timer):
+    """Stock encoder on kept slices, kept tokens gathered by the known masks, one stock prefill: no selection."""
     from .engine import PreparedVolume
 
     adapter = engine.adapter
-    kept = np.flatnonzero(prepared.slice_kept).tolist()
+    kept = np.flatnonzero(pruned.slice_kept).tolist()
+    per_slice = pixels.token_grid[0] * pixels.token_grid[1]
+    visual_keep = np.zeros((len(pruned.slice_kept), per_slice), dtype=bool)
+    for s in kept:
+        visual_keep[s] = pruned.token_role[s].ravel() > 0
+    keep = torch.from_numpy(visual_keep[kept]).to(adapter.device)
     timer.reset_peak()
     start = timer.now()
     with torch.inference_mode():
-        features = adapter.encode(adapter.subset(prepared.pixels, kept), capture=False)
-        keep = torch.from_numpy(np.stack([prepared.token_role[s].ravel() > 0 for s in kept])).to(adapter.device)
+        features = adapter.encode(adapter.subset(pixels, kept), capture=False)
         embeds = features.embeds[keep]
         token_features = {name: [layer[keep] for layer in layers] for name, layers in features.token_features.items()}
     vision = timer.now() - start
     ideal = PreparedVolume(
-        pixels=prepared.pixels, config=prepared.config, slice_kept=prepared.slice_kept,
-        slice_l1=prepared.slice_l1, token_scores=prepared.token_scores, token_role=prepared.token_role,
-        visual_keep=prepared.visual_keep, visual_embeds=embeds, visual_features=token_features,
-        timings={"preprocess": 0.0, "vision": vision, "pruning": 0.0},
+        pixels=pixels, config=PruningConfig(), slice_kept=pruned.slice_kept, slice_l1=pruned.slice_l1,
+        token_scores=pruned.token_scores, token_role=pruned.token_role,
+        visual_keep=torch.from_numpy(visual_keep.reshape(-1)), visual_embeds=embeds, visual_features=token_features,
     )
-    return engine.ask(ideal, settings.question, max_new_tokens=settings.max_new_tokens, ignore_eos=True)
+    result = engine.ask(ideal, settings.question, max_new_tokens=settings.max_new_tokens, ignore_eos=True)
+    result.timings["vision"] = vision
+    return result
+
+
+def _run_followup(engine, prepared, settings: BenchSettings, timer: _Timer):
+    """A follow-up question on an already prepared volume: only the question is prefilled."""
+    timer.reset_peak()
+    return engine.ask(prepared, FOLLOWUP_QUESTION, max_new_tokens=settings.max_new_tokens, ignore_eos=True)
 
 
 def _stats(values: list[float | None]) -> dict[str, float | None]:
@@ -225,6 +237,14 @@ def _ratios(modes: dict[str, Any], op_name: str) -> dict[str, float | None]:
     }
 
 
+def _followup_ratios(modes: dict[str, Any]) -> dict[str, float | None]:
+    followup = modes["followup:natural"]["ttft_s"]["median"]
+    return {
+        "fresh_pruned_over_followup": _ratio(modes["pruned:natural"]["ttft_s"]["median"], followup),
+        "full_over_followup": _ratio(modes["full"]["ttft_s"]["median"], followup),
+    }
+
+
 def run_bench(engine, settings: BenchSettings, progress=None) -> dict[str, Any]:
     """Measure every mode at every slice count and operating point; return the JSON-ready record."""
     adapter = engine.adapter
@@ -238,16 +258,17 @@ def run_bench(engine, settings: BenchSettings, progress=None) -> dict[str, Any]:
         input_ids = adapter.prompt_ids(count, h * w, settings.question)
         runs: dict[str, list[dict[str, Any]]] = {}
         used_masks: dict[str, Any] = {}
+        prepared_natural = engine.prepare(images, PruningConfig())   # for follow-ups; not timed
         for repeat in range(settings.repeats + 1):   # repeat 0 warms up and is not recorded
             say(f"{count} slices: repeat {repeat}/{settings.repeats}{' (warm-up)' if repeat == 0 else ''}")
             measured = {"full": _run_full(engine, pixels, input_ids, settings, timer)}
             for op in settings.operating_points:
                 name = op[0]
-                prepared, pruned = _run_engine(engine, images, op, settings, timer, encode_dropped=False)
+                pruned = _run_engine(engine, images, op, settings, timer, encode_dropped=False)
                 measured[f"pruned:{name}"] = _measure(pruned)
-                _, reference = _run_engine(engine, images, op, settings, timer, encode_dropped=True)
+                reference = _run_engine(engine, images, op, settings, timer, encode_dropped=True)
                 measured[f"reference:{name}"] = _measure(reference)
-                measured[f"ideal:{name}"] = _measure(_run_ideal(engine, prepared, settings, timer))
+                measured[f"ideal:{name}"] = _measure(_run_ideal(engine, pixels, pruned, settings, timer))
                 used_masks[name] = {
                     "supplied_slice_mask": None if op[1] is None else _slice_mask(count, op[1]).tolist(),
                     "supplied_token_share": op[2],
@@ -259,6 +280,8 @@ def run_bench(engine, settings: BenchSettings, progress=None) -> dict[str, Any]:
                                 for a, b in zip(reference.token_role, pruned.token_role))
                     ),
                 }
+            followup = _run_followup(engine, prepared_natural, settings, timer)
+            measured["followup:natural"] = _measure(followup)
             if repeat:
                 for mode, run in measured.items():
                     runs.setdefault(mode, []).append(run)
@@ -268,6 +291,7 @@ def run_bench(engine, settings: BenchSettings, progress=None) -> dict[str, Any]:
             "tokens_per_slice": h * w,
             "modes": modes,
             "ratios": {op[0]: _ratios(modes, op[0]) for op in settings.operating_points},
+            "followup": _followup_ratios(modes),
             "masks": used_masks,
             "raw": runs,
         })
@@ -325,6 +349,20 @@ def markdown_table(record: dict[str, Any]) -> str:
                 f"| {_x(ratios['reference_over_pruned'])} | {_pct(ratios['overhead_share_of_pruned_ttft'])} "
                 f"| {_x(ratios['vision_pruned_over_full'])} | {_x(ratios['peak_memory_pruned_over_ideal'])} |"
             )
+    lines += [
+        "",
+        "Follow-up question on the same volume (pruned visual prefix and its KV cache reused), TTFT median in ms:",
+        "",
+        "| slices | follow-up | fresh pruned ask | full (stock) | fresh/follow-up | full/follow-up |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for entry in record["results"]:
+        modes, ratios = entry["modes"], entry["followup"]
+        lines.append(
+            f"| {entry['slices']} | {_ms(modes['followup:natural']['ttft_s']['median'])} "
+            f"| {_ms(modes['pruned:natural']['ttft_s']['median'])} | {_ms(modes['full']['ttft_s']['median'])} "
+            f"| {_x(ratios['fresh_pruned_over_followup'])} | {_x(ratios['full_over_followup'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -8,6 +8,7 @@ The selection does not depend on the question, so `prepare` holds everything bef
 """
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -32,9 +33,22 @@ MAX_QUESTION_CHARS = 4000
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+# Any question will do to find the prompt's visual prefix: it ends at the last visual token.
+_PREFIX_PROBE_QUESTION = "?"
+
+
+@dataclass
+class PrefixCache:
+    """The language model's KV cache of the kept tokens of the prompt's visual prefix."""
+
+    ids: torch.Tensor       # (1, P) ids of the FULL prompt's prefix (up to its last visual token)
+    cache: Any              # the stock model's cache object holding the kept prefix tokens
+    kept_length: int        # tokens in the cache
+
+
 @dataclass
 class PreparedVolume:
-    """Everything about a slice stack that does not depend on the question."""
+    """Everything about a slice stack that does not depend on the question, KV cache of its prefix included."""
 
     pixels: SlicePixels
     config: PruningConfig
@@ -46,6 +60,7 @@ class PreparedVolume:
     visual_embeds: torch.Tensor                 # (n_kept, D) merged embeddings of the kept visual tokens
     visual_features: dict[str, list[torch.Tensor]]
     timings: dict[str, float] = field(default_factory=dict)
+    prefix: PrefixCache | None = None
 
     @property
     def num_slices(self) -> int:
@@ -247,8 +262,11 @@ class MedPruner:
         slice_mask: Any = None,
         token_budget: float | None = None,
         encode_dropped: bool = False,
+        cache_prefix: bool = True,
     ) -> PreparedVolume:
-        """Question-independent work: pixels, slice filter, vision encoder on kept slices, token selection.
+        """Question-independent work: pixels, slice filter, vision encoder on kept slices, token selection,
+        and (cache_prefix) the language model's KV cache of the pruned visual prefix of the prompt, so
+        that every question about these slices only prefills its own tokens.
 
         Benchmark controls (leave them alone for normal use): `slice_mask` (bool (S,)) replaces the
         slice filter's decisions (the filter still runs, for its distances); `token_budget` in (0, 1]
@@ -323,7 +341,7 @@ class MedPruner:
             token_scores[slice_index] = probs[row]
             token_role[slice_index] = roles[row]
         checkpoint()
-        return PreparedVolume(
+        prepared = PreparedVolume(
             pixels=pixels,
             config=config,
             slice_kept=slice_kept,
@@ -335,6 +353,10 @@ class MedPruner:
             visual_features=visual_features,
             timings=clock.timings,
         )
+        if cache_prefix:
+            with clock.stage("prefix"):
+                prepared.prefix = self._prefix_cache(prepared)
+        return prepared
 
     @torch.inference_mode()
     def ask(
@@ -346,28 +368,35 @@ class MedPruner:
         progress: ProgressFn | None = None,
         cancel: CancelFn | None = None,
         ignore_eos: bool = False,
+        **prepare_options: Any,
     ) -> AskResult:
-        """Answer `question` about `slices` (or a PreparedVolume) with greedy decoding.
+        """Answer `question` about `slices`, or about a PreparedVolume (a follow-up), with greedy decoding.
 
-        `ignore_eos=True` always generates max_new_tokens tokens (fixed-length runs for benchmarks).
+        A follow-up reuses the prepared prefix (pixels, decisions and the KV cache of the pruned
+        visual prefix) and only prefills the question; its timings count only the work it did, and
+        `result.prefix_reused` is True. `ignore_eos=True` always generates max_new_tokens tokens
+        (fixed-length runs for benchmarks); `prepare_options` go to `prepare` (benchmark controls).
         """
         start = time.perf_counter()
         question = _check_question(question)
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
-        if isinstance(slices, PreparedVolume):
-            prepared = slices   # peak memory then counts from the caller's last reset (e.g. before prepare)
-        else:
+        fresh = not isinstance(slices, PreparedVolume)
+        if fresh:
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
-            prepared = self.prepare(slices, config, progress, cancel)
+            prepared = self.prepare(slices, config, progress, cancel, **prepare_options)
+        else:
+            prepared = slices   # peak memory then counts from the caller's last reset
         notify = progress or (lambda stage, fraction: None)
         stop = cancel or (lambda: False)
         clock = _Clock(self.device)
 
         notify("answer", 0.0)
         with clock.stage("prefill"):
-            logits, cache, next_position, full_length, kept_length = self._prefill(prepared, question)
+            logits, cache, next_position, full_length, kept_length = self._prefill_question(
+                prepared, question, copy_prefix=not fresh
+            )
         token_ids: list[int] = []
         eos = set() if ignore_eos else self.adapter.eos_token_ids()
         with clock.stage("decode"):
@@ -380,7 +409,12 @@ class MedPruner:
                 if stop():
                     raise Cancelled()
                 logits = self.adapter.decode_step(token, next_position + step, cache)[None]
-        timings = {**{k: prepared.timings.get(k, 0.0) for k in ("preprocess", "vision", "pruning")}, **clock.timings}
+        if fresh:
+            timings = {k: prepared.timings.get(k, 0.0) for k in ("preprocess", "vision", "pruning")}
+            timings["prefill"] = prepared.timings.get("prefix", 0.0) + clock.timings["prefill"]
+        else:
+            timings = {"preprocess": 0.0, "vision": 0.0, "pruning": 0.0, "prefill": clock.timings["prefill"]}
+        timings["decode"] = clock.timings["decode"]
         timings["total"] = time.perf_counter() - start
         tokens_total = int(prepared.visual_keep.numel())
         return AskResult(
@@ -405,6 +439,7 @@ class MedPruner:
             image_size=prepared.pixels.image_size,
             model_id=self.model_id,
             config=prepared.config.to_dict(),
+            prefix_reused=not fresh and prepared.prefix is not None,
         )
 
     @torch.inference_mode()
@@ -425,3 +460,37 @@ class MedPruner:
             input_ids[:, keep], prepared.visual_embeds, prepared.visual_features, positions[:, keep], all_logits
         )
         return logits, cache, next_position, int(input_ids.shape[1]), int(keep.sum())
+
+    def _full_prompt(self, prepared: PreparedVolume, question: str):
+        """Full prompt ids, original positions, next position, and the keep mask over the sequence."""
+        adapter = self.adapter
+        input_ids = adapter.prompt_ids(prepared.num_slices, prepared.tokens_per_slice, question)
+        positions, next_position = adapter.positions(input_ids, prepared.num_slices, prepared.pixels)
+        visual = adapter.image_token_mask(input_ids)
+        keep = torch.ones_like(visual)
+        keep[visual] = prepared.visual_keep
+        return input_ids, positions, next_position, visual, keep
+
+    def _prefix_cache(self, prepared: PreparedVolume) -> PrefixCache:
+        """Prefill the kept tokens of the prompt up to its last visual token; keep the cache."""
+        input_ids, positions, _, visual, keep = self._full_prompt(prepared, _PREFIX_PROBE_QUESTION)
+        length = int(torch.nonzero(visual).max()) + 1
+        kept = keep[:length]
+        _, cache = self.adapter.prefill(
+            input_ids[:, :length][:, kept], prepared.visual_embeds, prepared.visual_features,
+            positions[:, :length][:, kept],
+        )
+        return PrefixCache(ids=input_ids[:, :length], cache=cache, kept_length=int(kept.sum()))
+
+    def _prefill_question(self, prepared: PreparedVolume, question: str, copy_prefix: bool):
+        """Prefill only the question's tokens on top of the cached prefix (a copy of it for follow-ups)."""
+        prefix = prepared.prefix
+        if prefix is None:
+            return self._prefill(prepared, question)
+        input_ids, positions, next_position, _, keep = self._full_prompt(prepared, question)
+        length = prefix.ids.shape[1]
+        if not torch.equal(input_ids[:, :length], prefix.ids):   # a template whose prefix depends on the question
+            return self._prefill(prepared, question)
+        cache = copy.deepcopy(prefix.cache) if copy_prefix else prefix.cache
+        logits = self.adapter.extend(input_ids[:, length:], positions[:, length:], cache)
+        return logits, cache, next_position, int(input_ids.shape[1]), prefix.kept_length + input_ids.shape[1] - length

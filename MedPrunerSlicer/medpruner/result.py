@@ -42,6 +42,7 @@ class AskResult:
     image_size: tuple[int, int] = (0, 0)
     model_id: str = ""
     config: dict[str, Any] = field(default_factory=dict)
+    prefix_reused: bool = False   # a follow-up answered from the cached pruned prefix
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(
@@ -59,5 +60,6 @@ class AskResult:
                 "image_size": list(self.image_size),
                 "model_id": self.model_id,
                 "config": dict(self.config),
+                "prefix_reused": self.prefix_reused,
             }
         )

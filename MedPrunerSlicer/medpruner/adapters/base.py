@@ -120,8 +120,17 @@ class ModelAdapter(ABC):
         """Stock language model on the (already filtered) sequence; returns (logits, cache)."""
 
     @abstractmethod
+    def extend(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
+        """Text tokens (1, L) at `positions` (P, L) through the stock language model on top of `cache`
+        (which grows by L); returns the logits (1, V) of the last one."""
+
+    position_rows: ClassVar[int] = 1   # rows of the rotary position ids (3 for M-RoPE)
+
     def decode_step(self, token_id: int, position: int, cache: Any) -> torch.Tensor:
-        """One generated token at `position` through the stock language model; returns its logits (V,)."""
+        """One generated token at `position`; returns its logits (V,)."""
+        ids = torch.tensor([[token_id]], dtype=torch.long, device=self.device)
+        positions = torch.full((self.position_rows, 1), position, dtype=torch.long, device=self.device)
+        return self.extend(ids, positions, cache)[0]
 
     def eos_token_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id

@@ -27,6 +27,7 @@ class Qwen3VLAdapter(ModelAdapter):
     family = "qwen3_vl"
     model_types = ("qwen3_vl",)
     default_max_slices = 32
+    position_rows = 3
 
     @classmethod
     def model_class(cls):
@@ -186,10 +187,10 @@ class Qwen3VLAdapter(ModelAdapter):
         hidden = out.last_hidden_state if all_logits else out.last_hidden_state[:, -1:]
         return self.model.lm_head(hidden)[0], out.cache
 
-    def decode_step(self, token_id: int, position: int, cache: Any) -> torch.Tensor:
+    def extend(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
         device = self.device
-        ids = torch.tensor([[token_id]], dtype=torch.long, device=device)
-        embeds = self.model.model.get_input_embeddings()(ids)
-        positions = torch.full((3, 1, 1), position, dtype=torch.long, device=device)
-        out = self.model.model.language_model(inputs_embeds=embeds, position_ids=positions, cache=cache, use_cache=True)
-        return self.model.lm_head(out.last_hidden_state[:, -1])[0]
+        embeds = self.model.model.get_input_embeddings()(input_ids.to(device))
+        out = self.model.model.language_model(
+            inputs_embeds=embeds, position_ids=positions.to(device)[:, None, :], cache=cache, use_cache=True
+        )
+        return self.model.lm_head(out.last_hidden_state[:, -1])
