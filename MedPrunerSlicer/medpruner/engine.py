@@ -449,14 +449,9 @@ class MedPruner:
         return self._prefill(prepared, _check_question(question), all_logits=True)[0]
 
     def _prefill(self, prepared: PreparedVolume, question: str, all_logits: bool = False):
-        """Full prompt -> keep mask -> stock language model on kept tokens at their original positions."""
-        adapter = self.adapter
-        input_ids = adapter.prompt_ids(prepared.num_slices, prepared.tokens_per_slice, question)
-        positions, next_position = adapter.positions(input_ids, prepared.num_slices, prepared.pixels)
-        visual = adapter.image_token_mask(input_ids)
-        keep = torch.ones_like(visual)
-        keep[visual] = prepared.visual_keep
-        logits, cache = adapter.prefill(
+        """Full prompt -> keep mask -> stock language model on kept tokens at their original positions, in one pass."""
+        input_ids, positions, next_position, _, keep = self._full_prompt(prepared, question)
+        logits, cache = self.adapter.prefill(
             input_ids[:, keep], prepared.visual_embeds, prepared.visual_features, positions[:, keep], all_logits
         )
         return logits, cache, next_position, int(input_ids.shape[1]), int(keep.sum())
