@@ -81,6 +81,73 @@ class _Progress:
         self.callback(stage, min(max(overall, 0.0), 1.0))
 
 
+@dataclass
+class PreparedStack:
+    """What a follow-up needs without the volume file: the model slices, their mapping, the prepared volume."""
+
+    stack: Any
+    prepared: Any
+    settings: dict[str, Any]
+
+    @property
+    def nbytes(self) -> int:
+        from .prepared_cache import prepared_nbytes
+
+        return prepared_nbytes(self.prepared) + int(self.stack.images.nbytes)
+
+
+def _preparation_settings(engine, request: AskRequest) -> dict[str, Any]:
+    """Everything besides the voxels and geometry that changes the prepared volume."""
+    return {
+        "model": engine.model_id,
+        "axis": request.axis,
+        "window": request.window,
+        "max_slices": request.max_slices or engine.adapter.default_max_slices,
+        "pruning": request.pruning.to_dict(),
+        "series_uid": request.series_uid,
+    }
+
+
+def _prepare_stack(engine, volume, request: AskRequest, tracker, stop, cache) -> tuple[str | None, PreparedStack, bool]:
+    """Load + slice the volume, then prepare it, or take it from the cache; returns (volume_id, entry, reused)."""
+    from .prepared_cache import volume_key
+    from .slicing import prepare_slices
+    from .volume_io import load_volume, validate_volume
+
+    settings = _preparation_settings(engine, request)
+    tracker("load", 0.0)
+    if isinstance(volume, (str, os.PathLike)):
+        image = load_volume(volume, series_uid=request.series_uid)
+    else:
+        image = validate_volume(volume)
+    import SimpleITK as sitk
+
+    geometry = {"size": image.GetSize(), "spacing": image.GetSpacing(), "origin": image.GetOrigin(),
+                "direction": image.GetDirection()}
+    key = volume_key(sitk.GetArrayViewFromImage(image), geometry, settings) if cache is not None else None
+    entry = cache.get(key) if cache is not None else None
+    if entry is not None:
+        tracker("load", 1.0)
+        return key, entry, True
+    adapter = engine.adapter
+    stack = prepare_slices(
+        image,
+        axis=request.axis,
+        window=request.window,
+        max_slices=settings["max_slices"],
+        size=adapter.preferred_slice_size,
+        multiple=adapter.token_pixels,
+    )
+    tracker("load", 1.0)
+    if stop():
+        raise Cancelled()
+    prepared = engine.prepare(stack.images, request.pruning, progress=tracker, cancel=stop)
+    entry = PreparedStack(stack=stack, prepared=prepared, settings=settings)
+    if cache is not None:
+        cache.put(key, entry, entry.nbytes)
+    return key, entry, False
+
+
 def run_ask(
     engine,
     volume: str | os.PathLike | Any,
@@ -88,39 +155,44 @@ def run_ask(
     out_dir: str | os.PathLike,
     progress: ProgressFn | None = None,
     cancel: CancelFn | None = None,
+    prepared_cache=None,
+    volume_id: str | None = None,
 ) -> dict[str, Any]:
     """Answer `request` about `volume` (a path, or an already loaded SimpleITK image); write OUTPUT_FILES
     into `out_dir`; return the report.
 
-    The volume is read and validated before anything is computed, and nothing is written before
-    the answer exists, so a rejected input or a cancelled job leaves no files behind.
+    With a `prepared_cache` (medpruner.prepared_cache.PreparedCache), a volume already prepared with the
+    same voxels, geometry and settings is answered from its cached pruned prefix; `volume_id` (the
+    report's `volume_id` of an earlier answer) asks about a cached volume without sending it again.
+    The volume is read and validated before anything is computed, and nothing is written before the
+    answer exists, so a rejected input or a cancelled job leaves no files behind.
     """
     from .heatmaps import build_heatmaps, write_image_atomic
     from .overview import render_overview
-    from .slicing import prepare_slices
-    from .volume_io import load_volume, validate_volume
 
     stop = cancel or (lambda: False)
     tracker = _Progress(progress, passes=2 if request.compare else 1)
-    tracker("load", 0.0)
-    if isinstance(volume, (str, os.PathLike)):
-        image = load_volume(volume, series_uid=request.series_uid)
+    if volume_id is not None:
+        entry = prepared_cache.get(volume_id) if prepared_cache is not None else None
+        if entry is None:
+            raise InputError(f"No prepared volume with id {volume_id!r} (it expired or was never made here).",
+                             "Send the volume again.")
+        if entry.settings != _preparation_settings(engine, request):
+            raise InputError("The request's slicing or pruning settings differ from those the volume was prepared with.",
+                             "Send the volume again with the new settings, or keep the earlier settings.")
+        key, reused = volume_id, True
     else:
-        image = validate_volume(volume)
+        key, entry, reused = _prepare_stack(engine, volume, request, tracker, stop, prepared_cache)
+    stack, prepared = entry.stack, entry.prepared
     adapter = engine.adapter
-    stack = prepare_slices(
-        image,
-        axis=request.axis,
-        window=request.window,
-        max_slices=request.max_slices or adapter.default_max_slices,
-        size=adapter.preferred_slice_size,
-        multiple=adapter.token_pixels,
-    )
-    tracker("load", 1.0)
-    if stop():
-        raise Cancelled()
-    result = engine.ask(stack.images, request.question, config=request.pruning,
-                        max_new_tokens=request.max_new_tokens, progress=tracker, cancel=cancel)
+    result = engine.ask(prepared, request.question, max_new_tokens=request.max_new_tokens,
+                        progress=tracker, cancel=cancel)
+    if not reused:   # this call did the preparation too: report every stage it ran
+        for name in ("preprocess", "vision", "pruning"):
+            result.timings[name] = prepared.timings.get(name, 0.0)
+        result.timings["prefill"] += prepared.timings.get("prefix", 0.0)
+        result.timings["total"] += sum(prepared.timings.values())
+    result.prefix_reused = reused
     if tuple(result.image_size) != tuple(stack.images.shape[1:3]):
         raise InputError(
             f"The model's image processor resized the {stack.images.shape[2]}x{stack.images.shape[1]} slices to "
@@ -138,12 +210,13 @@ def run_ask(
     tracker("write", 0.0)
     kept_image, attention_image = build_heatmaps(stack.mapping, result, adapter.token_pixels)
     report = build_report(engine, request, stack, result, unpruned)
+    report["volume_id"] = key
+    report["prefix_reused"] = reused
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_image_atomic(kept_image, out / "heatmap_kept.nrrd")
     write_image_atomic(attention_image, out / "heatmap_attention.nrrd")
-    render_overview(stack.images, result, out / "overview.png",
-                    title=request.question)
+    render_overview(stack.images, result, out / "overview.png", title=request.question)
     write_json_atomic(report, out / "report.json")
     tracker("write", 1.0)
     return report

@@ -1,0 +1,102 @@
+"""Prepared volumes cached for follow-ups: same answers as fresh runs, never shared across volumes or settings."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from medpruner import InputError, PruningConfig
+from medpruner.phantom import make_phantom_ct
+from medpruner.pipeline import AskRequest, run_ask
+from medpruner.prepared_cache import PreparedCache, volume_key
+
+
+@pytest.fixture(scope="module")
+def ct():
+    return make_phantom_ct(shape=(12, 64, 64))
+
+
+def _answer(report):
+    return report["answer"], report["generated_token_ids"], report["slices"]["kept_voxel_indices"]
+
+
+def test_follow_up_is_answered_from_the_cache_like_a_fresh_run(engine, ct, tmp_path):
+    cache = PreparedCache(max_bytes=2**30)
+    first = run_ask(engine, ct, AskRequest("Is there a liver lesion?", max_new_tokens=6), tmp_path / "a",
+                    prepared_cache=cache)
+    assert not first["prefix_reused"] and len(cache) == 1 and first["volume_id"] in cache
+    follow = run_ask(engine, ct, AskRequest("Where is it?", max_new_tokens=6), tmp_path / "b", prepared_cache=cache)
+    assert follow["prefix_reused"] and follow["volume_id"] == first["volume_id"]
+    assert follow["timings_s"]["vision"] == 0.0 and first["timings_s"]["vision"] > 0
+    fresh = run_ask(engine, ct, AskRequest("Where is it?", max_new_tokens=6), tmp_path / "c")
+    assert _answer(follow) == _answer(fresh)
+    # By id, without the volume: the same answer and the same heatmaps.
+    by_id = run_ask(engine, None, AskRequest("Where is it?", max_new_tokens=6), tmp_path / "d",
+                    prepared_cache=cache, volume_id=first["volume_id"])
+    assert _answer(by_id) == _answer(fresh)
+    for name in ("heatmap_kept.nrrd", "heatmap_attention.nrrd"):
+        a = sitk.ReadImage(str(tmp_path / "c" / name))
+        b = sitk.ReadImage(str(tmp_path / "d" / name))
+        assert np.array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
+        assert a.GetOrigin() == b.GetOrigin() and a.GetDirection() == b.GetDirection()
+
+
+def test_other_volumes_and_settings_never_share_an_entry(engine, ct, tmp_path):
+    cache = PreparedCache(max_bytes=2**30)
+    base = run_ask(engine, ct, AskRequest("Q?", max_new_tokens=2), tmp_path / "a", prepared_cache=cache)
+    flipped = sitk.Flip(ct, [False, False, True])
+    flipped.CopyInformation(ct)
+    shifted = sitk.Image(ct)
+    shifted.SetOrigin((0.0, 0.0, 0.0))
+    variants = [
+        (flipped, AskRequest("Q?", max_new_tokens=2)),                                   # other voxels
+        (shifted, AskRequest("Q?", max_new_tokens=2)),                                   # other geometry
+        (ct, AskRequest("Q?", pruning=PruningConfig(tau=0.5), max_new_tokens=2)),        # other pruning
+        (ct, AskRequest("Q?", window="lung", max_new_tokens=2)),                         # other preprocessing
+    ]
+    ids = {base["volume_id"]}
+    for i, (image, request) in enumerate(variants):
+        report = run_ask(engine, image, request, tmp_path / f"v{i}", prepared_cache=cache)
+        assert not report["prefix_reused"]
+        ids.add(report["volume_id"])
+    assert len(ids) == 5 and len(cache) == 5
+
+
+def test_volume_id_errors(engine, ct, tmp_path):
+    cache = PreparedCache(max_bytes=2**30)
+    report = run_ask(engine, ct, AskRequest("Q?", max_new_tokens=2), tmp_path / "a", prepared_cache=cache)
+    with pytest.raises(InputError, match="No prepared volume"):
+        run_ask(engine, None, AskRequest("Q?"), tmp_path / "b", prepared_cache=cache, volume_id="0" * 32)
+    with pytest.raises(InputError, match="settings differ"):
+        run_ask(engine, None, AskRequest("Q?", pruning=PruningConfig(tau=0.3)), tmp_path / "c",
+                prepared_cache=cache, volume_id=report["volume_id"])
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_least_recently_used_entries_go_first_within_the_budget():
+    cache = PreparedCache(max_bytes=100)
+    assert cache.put("a", "A", 40) and cache.put("b", "B", 40)
+    assert cache.get("a") == "A"            # a is now the most recent
+    assert cache.put("c", "C", 40)          # evicts b, the least recently used
+    assert "b" not in cache and cache.get("a") == "A" and cache.get("c") == "C"
+    assert not cache.put("huge", "H", 101) and "huge" not in cache
+    assert cache.total_bytes <= 100
+    cache.clear()
+    assert len(cache) == 0
+
+
+def test_volume_key_depends_on_every_input():
+    voxels = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
+    geometry, settings = {"spacing": (1, 1, 1)}, {"tau": 0.9}
+    key = volume_key(voxels, geometry, settings)
+    assert key == volume_key(voxels.copy(), geometry, settings)
+    assert key != volume_key(voxels.astype(np.int32), geometry, settings)
+    assert key != volume_key(voxels.reshape(3, 2, 4), geometry, settings)
+    changed = voxels.copy()
+    changed[1, 2, 3] += 1
+    assert key != volume_key(changed, geometry, settings)
+    assert key != volume_key(voxels, {"spacing": (1, 1, 2)}, settings)
+    assert key != volume_key(voxels, geometry, {"tau": 0.8})
+    json.dumps({"key": key})
