@@ -122,7 +122,7 @@ def _run_full(engine, pixels, input_ids, settings: BenchSettings, timer: _Timer)
             marks.append(timer.now())
             return scores
 
-    visual = engine.model.model.visual
+    visual = engine.adapter.vision_encoder
     hooks = [visual.register_forward_pre_hook(lambda *a: vision.append(timer.now())),
              visual.register_forward_hook(lambda *a: vision.append(timer.now()))]
     inputs = engine.adapter.stock_inputs(pixels, input_ids)

@@ -15,6 +15,7 @@ from typing import Any
 from . import __version__
 from .config import PruningConfig
 from .errors import Cancelled, InputError, MedPrunerError
+from .tiny import TINY_FAMILIES
 
 DEMO_QUESTION = "Is there a liver lesion?"
 TINY_WARNING = (
@@ -218,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the whole pipeline on the tiny demo model and a sample CT phantom",
                                description=TINY_WARNING)
     demo.add_argument("--question", default=DEMO_QUESTION, help=f"question (default {DEMO_QUESTION!r})")
-    demo.add_argument("--family", default="qwen3_vl", choices=("qwen3_vl",), help="tiny model family")
+    demo.add_argument("--family", default="qwen3_vl", choices=TINY_FAMILIES, help="tiny model family")
     demo.add_argument("--model", default=None, help="use this checkpoint instead of the tiny demo model")
     _add_common(demo, "medpruner-demo")
     demo.set_defaults(func=cmd_demo)

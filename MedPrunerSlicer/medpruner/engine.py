@@ -187,11 +187,19 @@ class MedPruner:
         path_or_id: str | os.PathLike,
         device: str | torch.device | None = "cpu",
         dtype: str | torch.dtype | None = None,
+        *,
+        renumber_positions: bool | None = None,
     ) -> "MedPruner":
         """Load a checkpoint (local path or hub id) with the stock Auto classes and pick its adapter.
 
         dtype None keeps the checkpoint's own dtype; device "auto" takes CUDA when available.
+        renumber_positions: positions of the kept tokens after pruning, an adapter option. None takes
+        the family's published behaviour (`adapter.renumber_positions_default`: original positions for
+        Qwen-VL, renumbered 0..L'-1 for Gemma3/MedGemma); False keeps the original positions of the
+        full sequence; True renumbers the kept tokens 0..L'-1.
         """
+        if renumber_positions is not None and not isinstance(renumber_positions, bool):
+            raise InputError(f"renumber_positions must be True, False or None, got {renumber_positions!r}.")
         from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
         name = os.fspath(path_or_id)
@@ -227,7 +235,7 @@ class MedPruner:
                 "Add the instruct model's chat_template.jinja (or chat_template.json) to the checkpoint directory.",
             )
         model = model.to(torch_device).eval()
-        return cls(adapter_cls(model, tokenizer, image_processor), name)
+        return cls(adapter_cls(model, tokenizer, image_processor, renumber_positions=renumber_positions), name)
 
     @property
     def model(self):
@@ -457,13 +465,22 @@ class MedPruner:
         return logits, cache, next_position, int(input_ids.shape[1]), int(keep.sum())
 
     def _full_prompt(self, prepared: PreparedVolume, question: str):
-        """Full prompt ids, original positions, next position, and the keep mask over the sequence."""
+        """Full prompt ids, positions, next position, and the keep mask over the sequence.
+
+        Positions are the full sequence's original ones, or, when the adapter renumbers, each kept
+        token's rank among the kept tokens (0..L'-1, every position row alike; dropped tokens get their
+        neighbour's value and are filtered out anyway), so the prefix cache and follow-ups agree.
+        """
         adapter = self.adapter
         input_ids = adapter.prompt_ids(prepared.num_slices, prepared.tokens_per_slice, question)
         positions, next_position = adapter.positions(input_ids, prepared.num_slices, prepared.pixels)
         visual = adapter.image_token_mask(input_ids)
         keep = torch.ones_like(visual)
         keep[visual] = prepared.visual_keep
+        if adapter.renumber_positions:
+            rank = torch.cumsum(keep.to(torch.long), dim=0) - 1
+            positions = rank.to(positions.device, positions.dtype).expand_as(positions).clone()
+            next_position = int(keep.sum())
         return input_ids, positions, next_position, visual, keep
 
     def _prefix_cache(self, prepared: PreparedVolume) -> PrefixCache:

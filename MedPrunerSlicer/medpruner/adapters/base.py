@@ -52,11 +52,22 @@ class ModelAdapter(ABC):
     model_types: ClassVar[tuple[str, ...]]
     default_max_slices: ClassVar[int] = 32
     max_preferred_slice_size: ClassVar[int] = 448
+    # Positions of the kept tokens after pruning. False: their ORIGINAL positions (those of the full
+    # sequence, filtered; what the published code does for Qwen-VL). True: renumbered 0..L'-1 over the
+    # kept sequence, every position row alike (what the published code does for Gemma3/MedGemma).
+    # Each family sets its published default; `MedPruner.from_pretrained(..., renumber_positions=...)`
+    # overrides it. Without pruning both give the full sequence's positions for 1D rotary models.
+    renumber_positions_default: ClassVar[bool] = False
 
-    def __init__(self, model, tokenizer, image_processor) -> None:
+    def __init__(self, model, tokenizer, image_processor, *, renumber_positions: bool | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.image_processor = image_processor
+        if renumber_positions is not None and not isinstance(renumber_positions, bool):
+            raise ValueError(f"renumber_positions must be True, False or None, got {renumber_positions!r}.")
+        self.renumber_positions = (
+            self.renumber_positions_default if renumber_positions is None else renumber_positions
+        )
 
     @classmethod
     @abstractmethod
@@ -76,6 +87,11 @@ class ModelAdapter(ABC):
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def vision_encoder(self) -> torch.nn.Module:
+        """The stock vision encoder module (e.g. for hooks that time it); Qwen-VL's `model.model.visual`."""
+        return self.model.model.visual
 
     @abstractmethod
     def preprocess(self, images: list[np.ndarray]) -> SlicePixels:
@@ -139,3 +155,25 @@ class ModelAdapter(ABC):
         if eos is None:
             return set()
         return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
+def received_attention(q: torch.Tensor, k: torch.Tensor, scaling: float, budget_bytes: int = 256 * 2**20) -> torch.Tensor:
+    """Attention each key receives: softmax(q kᵀ * scaling) over keys, mean over heads, summed over queries.
+
+    q, k: (B, heads, N, d), B independent attention groups (slices, or windows of one length).
+    Returns (B, N) float32. Rows of the softmax are independent, so queries are taken a chunk at a
+    time, keeping each chunk's float32 scores under `budget_bytes` (never one matrix over all of B).
+    """
+    batch, heads, length, _ = q.shape
+    q, k = q.float(), k.float()
+    per_query = heads * length * 4
+    rows = max(1, budget_bytes // per_query)
+    groups = max(1, min(batch, rows // length))      # whole groups at a time when they fit
+    queries = min(length, rows)
+    out = torch.zeros(batch, length, dtype=torch.float32, device=q.device)
+    for first in range(0, batch, groups):
+        kb = k[first:first + groups].transpose(-1, -2)
+        for start in range(0, length, queries):
+            logits = q[first:first + groups, :, start:start + queries] @ kb
+            out[first:first + groups] += torch.softmax(logits * scaling, dim=-1).mean(dim=1).sum(dim=1)
+    return out
