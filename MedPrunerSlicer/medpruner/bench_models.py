@@ -30,7 +30,52 @@ QWEN3_VL_SIZES: dict[str, dict[str, Any]] = {
     },
 }
 
-BENCH_CONFIGS = ("tiny", *QWEN3_VL_SIZES)
+# MedGemma 4B (google/medgemma-4b-it, the Gemma 3 4B architecture), config.json.
+MEDGEMMA_4B_SIZES: dict[str, Any] = {
+    "text": dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8,
+                 num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256, sliding_window=1024,
+                 vocab_size=262208),
+    "sliding_pattern": 6,   # five sliding-window layers, then one global layer
+    "vision": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                   patch_size=14, image_size=896),
+    "mm_tokens_per_image": 256,
+}
+
+BENCH_CONFIGS = ("tiny", *QWEN3_VL_SIZES, "medgemma-4b")
+
+
+def _medgemma_engine(device: torch.device, dtype: torch.dtype):
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from .adapters.gemma3 import Gemma3Adapter
+    from .engine import MedPruner
+    from .tiny import GEMMA_CHAT_TEMPLATE, GEMMA_SPECIAL_TOKENS, _gemma3_image_processor, _gemma_tokenizer
+
+    sizes = MEDGEMMA_4B_SIZES
+    tokenizer = _gemma_tokenizer(vocab_size=600)
+    tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
+    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in GEMMA_SPECIAL_TOKENS}
+    layers = sizes["text"]["num_hidden_layers"]
+    pattern = sizes["sliding_pattern"]
+    config = Gemma3Config(
+        text_config=dict(
+            sizes["text"], max_position_embeddings=131072, pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"],
+            eos_token_id=ids["<eos>"],
+            layer_types=["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)],
+        ),
+        vision_config=dict(sizes["vision"], model_type="siglip_vision_model", vision_use_head=False),
+        mm_tokens_per_image=sizes["mm_tokens_per_image"],
+        boi_token_index=ids["<start_of_image>"],
+        eoi_token_index=ids["<end_of_image>"],
+        image_token_index=ids["<image_soft_token>"],
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Gemma3ForConditionalGeneration._from_config(config, dtype=dtype).eval()
+    model.generation_config.eos_token_id = [ids["<eos>"], ids["<end_of_turn>"]]
+    model.generation_config.pad_token_id = ids["<pad>"]
+    image_processor = _gemma3_image_processor(sizes["vision"]["image_size"])
+    return MedPruner(Gemma3Adapter(model, tokenizer, image_processor), model_id="config:medgemma-4b (random weights)")
 
 
 def _qwen3_vl_engine(name: str, device: torch.device, dtype: torch.dtype):
@@ -81,4 +126,6 @@ def build_bench_engine(name: str, device: str | torch.device | None = "auto", dt
     torch_dtype = _resolve_dtype(dtype)
     if torch_dtype == "auto":
         torch_dtype = torch.bfloat16 if torch_device.type == "cuda" else torch.float32
+    if name == "medgemma-4b":
+        return _medgemma_engine(torch_device, torch_dtype)
     return _qwen3_vl_engine(name, torch_device, torch_dtype)
