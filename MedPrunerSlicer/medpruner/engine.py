@@ -380,8 +380,9 @@ class MedPruner:
     ) -> AskResult:
         """Answer `question` about `slices`, or about a PreparedVolume (a follow-up), with greedy decoding.
 
-        A follow-up reuses the prepared prefix (pixels, decisions and the KV cache of the pruned
-        visual prefix) and only prefills the question; its timings count only the work it did, and
+        Given slices, it prepares them without keeping a prefix cache and prefills the whole pruned
+        prompt in one pass. Given a PreparedVolume (a follow-up), it reuses the prepared prefix
+        (pixels, decisions and the KV cache of the pruned visual prefix) and only prefills the question; its timings count only the work it did, and
         `result.prefix_reused` is True. `ignore_eos=True` always generates max_new_tokens tokens
         (fixed-length runs for benchmarks); `prepare_options` go to `prepare` (benchmark controls).
         """
@@ -393,6 +394,8 @@ class MedPruner:
         if fresh:
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
+            # A one-off question: one prefill pass over prefix and question (no cache kept for follow-ups).
+            prepare_options.setdefault("cache_prefix", False)
             prepared = self.prepare(slices, config, progress, cancel, **prepare_options)
         else:
             prepared = slices   # peak memory then counts from the caller's last reset

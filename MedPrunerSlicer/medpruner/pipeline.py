@@ -141,7 +141,9 @@ def _prepare_stack(engine, volume, request: AskRequest, tracker, stop, cache) ->
     tracker("load", 1.0)
     if stop():
         raise Cancelled()
-    prepared = engine.prepare(stack.images, request.pruning, progress=tracker, cancel=stop)
+    # Keep the prefix's KV cache only where follow-ups can use it; a one-off answer prefills in one pass.
+    prepared = engine.prepare(stack.images, request.pruning, progress=tracker, cancel=stop,
+                              cache_prefix=cache is not None)
     entry = PreparedStack(stack=stack, prepared=prepared, settings=settings)
     if cache is not None:
         cache.put(key, entry, entry.nbytes)
