@@ -232,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(ask, "medpruner-out")
     ask.set_defaults(func=cmd_ask)
 
+    from .server.cli import add_serve_parser
+
+    add_serve_parser(commands)
+
     from .bench_models import BENCH_CONFIGS
 
     bench = commands.add_parser(

@@ -1,0 +1,214 @@
+"""The job queue: one worker thread runs jobs one at a time on the model's device, through the same
+`run_ask` as the CLI; the HTTP side only reads job states. Finished jobs are kept for `keep_seconds`
+and at most `keep_jobs` of them, then deleted with their files.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+import traceback
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import PruningConfig
+from ..errors import Cancelled, MedPrunerError
+from ..pipeline import AskRequest, run_ask
+
+log = logging.getLogger("medpruner.server")
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+FINISHED = (DONE, FAILED, CANCELLED)
+
+
+@dataclass
+class Job:
+    id: str
+    request: AskRequest
+    image: Any                      # the validated SimpleITK image, or None for a volume_id follow-up
+    volume_id: str | None
+    out_dir: Path
+    state: str = QUEUED
+    stage: str = "queued"
+    progress: float = 0.0
+    error: dict[str, str] | None = None
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+
+    def status(self, position: int | None) -> dict[str, Any]:
+        return {
+            "job_id": self.id,
+            "state": self.state,
+            "stage": self.stage,
+            "progress": round(self.progress, 4),
+            "position": position,
+            "error": self.error,
+            "created": self.created,
+            "started": self.started,
+            "finished": self.finished,
+        }
+
+
+class QueueFull(Exception):
+    pass
+
+
+class JobManager:
+    """Queue, worker and retention of jobs; every method is safe to call from HTTP handlers."""
+
+    def __init__(self, engine, root: Path, max_queue: int, keep_jobs: int, keep_seconds: float,
+                 prepared_cache=None) -> None:
+        self.engine = engine
+        self.root = root
+        self.max_queue = max_queue
+        self.keep_jobs = keep_jobs
+        self.keep_seconds = keep_seconds
+        self.prepared_cache = prepared_cache
+        self.jobs: dict[str, Job] = {}
+        self.queue: deque[Job] = deque()
+        self.lock = threading.Condition()
+        self.stopping = False
+        self.worker = threading.Thread(target=self._work, name="medpruner-worker", daemon=True)
+
+    def start(self) -> None:
+        self.worker.start()
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopping = True
+            for job in self.queue:
+                job.cancel_event.set()
+            self.lock.notify_all()
+        self.worker.join(timeout=30)
+
+    # -- HTTP side ------------------------------------------------------------------------------
+    def submit(self, request: AskRequest, image, volume_id: str | None) -> Job:
+        with self.lock:
+            if len(self.queue) >= self.max_queue:
+                raise QueueFull()
+            job_id = uuid.uuid4().hex
+            job = Job(id=job_id, request=request, image=image, volume_id=volume_id, out_dir=self.root / job_id)
+            self.jobs[job_id] = job
+            self.queue.append(job)
+            self.lock.notify_all()
+        log.info("job %s queued (position %d)", job_id, len(self.queue))
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        with self.lock:
+            return self.jobs.get(job_id)
+
+    def position(self, job: Job) -> int | None:
+        with self.lock:
+            for index, queued in enumerate(self.queue):
+                if queued is job:
+                    return index + 1
+            return 0 if job.state == RUNNING else None
+
+    def cancel(self, job: Job) -> None:
+        with self.lock:
+            if job.state == QUEUED:
+                self.queue.remove(job)
+                self._finish(job, CANCELLED)
+                job.image = None
+            elif job.state == RUNNING:
+                job.cancel_event.set()   # the worker stops at the next stage or token
+        log.info("job %s cancel requested", job.id)
+
+    def queue_length(self) -> int:
+        with self.lock:
+            return len(self.queue)
+
+    # -- worker side ----------------------------------------------------------------------------
+    def _finish(self, job: Job, state: str, error: dict[str, str] | None = None) -> None:
+        job.state, job.error, job.finished = state, error, time.time()
+        job.stage = state
+
+    def _work(self) -> None:
+        while True:
+            with self.lock:
+                while not self.queue and not self.stopping:
+                    self.lock.wait(timeout=30)
+                    self._expire()
+                if self.stopping:
+                    return
+                job = self.queue.popleft()
+                job.state, job.started, job.stage = RUNNING, time.time(), "load"
+            self._run(job)
+            with self.lock:
+                self._expire()
+
+    def _run(self, job: Job) -> None:
+        def progress(stage: str, fraction: float) -> None:
+            job.stage, job.progress = stage, fraction
+
+        started = time.perf_counter()
+        try:
+            run_ask(self.engine, job.image, job.request, job.out_dir, progress=progress,
+                    cancel=job.cancel_event.is_set, prepared_cache=self.prepared_cache, volume_id=job.volume_id)
+            state, error = DONE, None
+            job.progress = 1.0
+        except Cancelled:
+            state, error = CANCELLED, None
+        except MedPrunerError as exc:
+            state, error = FAILED, {"code": exc.code, "message": exc.message, "hint": exc.hint}
+        except Exception as exc:   # a failing job never takes the worker down
+            if _is_out_of_memory(exc) and self.prepared_cache is not None:
+                self.prepared_cache.clear()
+                _empty_accelerator_cache()
+                hint = "The accelerator ran out of memory; the cache of prepared volumes was cleared. Try again " \
+                       "with fewer slices (max_slices) or a smaller model."
+            else:
+                hint = "See the server's log."
+            log.error("job %s failed:\n%s", job.id, traceback.format_exc())
+            state, error = FAILED, {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"[:500],
+                                    "hint": hint}
+        finally:
+            job.image = None   # voxels leave memory as soon as the job is over
+        with self.lock:
+            self._finish(job, state, error)
+        if state != DONE:
+            shutil.rmtree(job.out_dir, ignore_errors=True)
+        log.info("job %s %s in %.2f s", job.id, state, time.perf_counter() - started)
+
+    def _expire(self) -> None:
+        """Delete finished jobs past the time limit, then the oldest beyond the count limit (lock held)."""
+        now = time.time()
+        finished = sorted((j for j in self.jobs.values() if j.state in FINISHED), key=lambda j: j.finished)
+        excess = max(0, len(finished) - self.keep_jobs)
+        for index, job in enumerate(finished):
+            if index < excess or now - job.finished > self.keep_seconds:
+                del self.jobs[job.id]
+                shutil.rmtree(job.out_dir, ignore_errors=True)
+
+
+def _is_out_of_memory(exc: Exception) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _empty_accelerator_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def request_from_params(params) -> AskRequest:
+    """AskRequest from validated JobParams (config errors become the engine's own ValueErrors)."""
+    return AskRequest(
+        question=params.question,
+        pruning=PruningConfig(**params.pruning.model_dump()),
+        axis=params.axis,
+        window=params.window,
+        max_slices=params.max_slices,
+        max_new_tokens=params.max_new_tokens,
+        compare=params.compare,
+    )
