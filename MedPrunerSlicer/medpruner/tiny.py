@@ -286,13 +286,7 @@ def _qwen2_5_vl_model(tokenizer, seed: int):
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight[[ids[tok] for tok in QWEN_SPECIAL_TOKENS]] = 0.0
-    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.generation_config.do_sample = False
-    return model
+    return _finish_qwen_model(Qwen2_5_VLForConditionalGeneration(config).eval(), ids)
 
 
 def _qwen3_vl_model(tokenizer, seed: int):
@@ -336,9 +330,15 @@ def _qwen3_vl_model(tokenizer, seed: int):
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(config).eval()
+    return _finish_qwen_model(Qwen3VLForConditionalGeneration(config).eval(), ids)
+
+
+def _finish_qwen_model(model, ids: dict[str, int]):
+    """Generation settings of a tiny Qwen-VL model, and zero logits for the special tokens, so random
+    weights write words instead of stopping at once."""
+    import torch
+
     with torch.no_grad():
-        # Zero logits for the special tokens, so random weights write words instead of stopping at once.
         model.lm_head.weight[[ids[tok] for tok in QWEN_SPECIAL_TOKENS]] = 0.0
     model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
