@@ -1,0 +1,182 @@
+"""One question end to end: volume node -> request -> poll -> result nodes, without blocking.
+
+Main thread: `AskSession.start()` checks the volume and copies it (`snapshot_volume`), then the
+worker thread encodes the NRRD, submits, polls the job's stage and progress, downloads the report
+and both heatmaps and decodes them (numpy only). Back on the main thread (`poll()`, called from
+a timer), the result nodes are created and shown. Progress, completion and errors reach the
+caller through callbacks; this module never touches widgets.
+
+Callbacks (all optional, all called on the thread that calls `poll()`):
+    on_progress(stage: str, fraction: float | None, message: str)
+    on_done(result: ResultNodes)
+    on_error(exc: Exception)      # MedPrunerSlicerError subclasses carry message/hint/details
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .client import MedPrunerClient
+from .errors import JobCancelled, ServerBusy
+from .job_runner import JobContext, JobRunner
+from .nrrd_io import decode_nrrd
+from .result_nodes import ResultNodes, create_result_nodes
+from .volume_export import VolumeSnapshot, snapshot_volume
+
+__all__ = ["AskOutcome", "AskSession", "run_job"]
+
+STAGE_TEXT = {
+    "upload": "Sending the volume",
+    "queued": "Waiting in the server's queue",
+    "load": "Reading the volume",
+    "preprocess": "Preparing slices",
+    "vision": "Vision encoder",
+    "prune": "Pruning tokens",
+    "answer": "Answering",
+    "write": "Writing heatmaps",
+    "download": "Receiving the result",
+}
+
+
+@dataclass
+class AskOutcome:
+    job_id: str
+    report: dict[str, Any]
+    kept: tuple
+    attention: tuple
+
+
+def _stage_message(status: dict[str, Any]) -> tuple[str, float | None, str]:
+    state = status.get("state", "")
+    if state == "queued":
+        position = status.get("position")
+        text = STAGE_TEXT["queued"] + (f" (position {position})" if position not in (None, 0) else "")
+        return "queued", None, text
+    stage = str(status.get("stage") or state or "running")
+    progress = status.get("progress")
+    return stage, (float(progress) if progress is not None else None), STAGE_TEXT.get(stage, stage.capitalize())
+
+
+def run_job(ctx: JobContext, client: MedPrunerClient, snapshot: VolumeSnapshot, params: dict[str, Any],
+            poll_interval: float = 0.25, busy_retries: int = 3) -> AskOutcome:
+    """The worker thread's part (also usable synchronously with a dummy context in scripts)."""
+    def check_cancel(job_id: str | None = None) -> None:
+        if ctx.cancelled:
+            if job_id:
+                try:
+                    client.cancel(job_id)
+                except Exception:  # noqa: BLE001, S110 - cancelling is best effort; the user asked to stop
+                    pass
+            raise JobCancelled("The question was cancelled.", "")
+
+    ctx.emit("progress", ("upload", 0.0, STAGE_TEXT["upload"]))
+    data = snapshot.to_nrrd()
+    check_cancel()
+    for attempt in range(busy_retries + 1):
+        try:
+            submitted = client.submit(data, params)
+            break
+        except ServerBusy as exc:
+            if attempt == busy_retries:
+                raise
+            ctx.emit("progress", ("queued", None, f"Server busy, retrying ({attempt + 1}/{busy_retries})"))
+            if ctx.wait(exc.retry_after or 2.0):
+                check_cancel()
+    job_id = str(submitted["job_id"])
+    ctx.emit("submitted", job_id)
+    status = submitted
+    while True:
+        check_cancel(job_id)
+        if status.get("state") in ("done", "failed", "cancelled"):
+            break
+        ctx.emit("progress", _stage_message(status))
+        ctx.wait(poll_interval)
+        check_cancel(job_id)
+        status = client.status(job_id)
+    MedPrunerClient.raise_for_state(status)
+    ctx.emit("progress", ("download", 1.0, STAGE_TEXT["download"]))
+    report = client.result(job_id)
+    kept = decode_nrrd(client.heatmap(job_id, "kept"))
+    check_cancel()
+    attention = decode_nrrd(client.heatmap(job_id, "attention"))
+    return AskOutcome(job_id=job_id, report=report, kept=kept, attention=attention)
+
+
+class AskSession:
+    """Asks one question at a time about a volume node of `scene`; creates the result on completion."""
+
+    def __init__(self, scene, client_factory: Callable[[], MedPrunerClient],
+                 on_progress: Callable[[str, float | None, str], None] | None = None,
+                 on_done: Callable[[ResultNodes], None] | None = None,
+                 on_error: Callable[[BaseException], None] | None = None,
+                 poll_interval: float = 0.25) -> None:
+        self.scene = scene
+        self.client_factory = client_factory
+        self.on_progress = on_progress
+        self.on_done = on_done
+        self.on_error = on_error
+        self.poll_interval = poll_interval
+        self.runner = JobRunner()
+        self.job_id: str | None = None
+        self.started_at: float | None = None
+        self._input_id: str | None = None
+        self._server_url = ""
+
+    @property
+    def running(self) -> bool:
+        return self.runner.running
+
+    def start(self, volume_node, params: dict[str, Any]) -> None:
+        """Check and copy the volume (raises VolumeExportError at once), then run the job in the background."""
+        if self.running:
+            raise RuntimeError("A question is already being answered; cancel it first.")
+        snapshot = snapshot_volume(volume_node)
+        client = self.client_factory()
+        self._server_url = client.url
+        self._input_id = volume_node.GetID()
+        self.job_id = None
+        self.started_at = time.monotonic()
+        self.runner.start(lambda ctx: run_job(ctx, client, snapshot, params, self.poll_interval),
+                          on_event=self._event, on_done=self._done, on_error=self._error)
+
+    def cancel(self) -> None:
+        self.runner.cancel()
+
+    def poll(self) -> bool:
+        """Drain the worker's events (main thread). True while the job is still running."""
+        return self.runner.drain()
+
+    def wait(self, timeout: float = 60.0, interval: float = 0.05) -> None:
+        """Block, polling, until the job ends (scripts and tests; the GUI uses a timer instead)."""
+        deadline = time.monotonic() + timeout
+        while self.poll():
+            if time.monotonic() > deadline:
+                self.cancel()
+                raise TimeoutError(f"The question took more than {timeout:g} s.")
+            time.sleep(interval)
+
+    # -- callbacks from drain(), main thread --------------------------------------------------
+    def _event(self, kind: str, payload: Any) -> None:
+        if kind == "submitted":
+            self.job_id = payload
+        elif kind == "progress" and self.on_progress:
+            self.on_progress(*payload)
+
+    def _done(self, outcome: AskOutcome) -> None:
+        try:
+            input_node = self.scene.GetNodeByID(self._input_id) if self._input_id else None
+            result = create_result_nodes(self.scene, input_node, outcome.report, outcome.kept, outcome.attention,
+                                         outcome.job_id, self._server_url)
+        except Exception as exc:  # noqa: BLE001
+            self._error(exc)
+            return
+        if self.on_done:
+            self.on_done(result)
+
+    def _error(self, exc: BaseException) -> None:
+        if self.on_error:
+            self.on_error(exc)
+        else:
+            raise exc

@@ -1,0 +1,95 @@
+"""The whole Ask path headless against a real `python -m medpruner serve` on 127.0.0.1 (tiny model).
+
+Volume node -> NRRD -> HTTP -> the real server -> poll -> report + heatmaps -> result nodes, on
+slicer-core. Skipped until the server package (issue 5) is present.
+"""
+from __future__ import annotations
+
+import importlib.util
+import socket
+import sys
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("slicer", reason="slicer-core runs the Slicer scene tests")
+if importlib.util.find_spec("medpruner.server") is None:
+    pytest.skip("medpruner.server (issue 5) is not there yet", allow_module_level=True)
+
+from MedPrunerSlicerLib import local_server
+from MedPrunerSlicerLib.ask import AskSession
+from MedPrunerSlicerLib.client import MedPrunerClient, build_params
+from MedPrunerSlicerLib.errors import AuthenticationError, MedPrunerSlicerError
+from MedPrunerSlicerLib.volume_export import ijk_to_ras_array, volume_fingerprint
+from slicer_helpers import add_volume, make_scene
+
+TOKEN = "e2e-secret-token"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_qwen3_vl, tmp_path_factory):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workdir = tmp_path_factory.mktemp("server")
+    token_file = workdir / "token"
+    token_file.write_text(TOKEN)
+    process = local_server.LocalServer(workdir)
+    command = local_server.server_command(sys.executable, str(tiny_qwen3_vl), port, token_file=str(token_file),
+                                          device="cpu")
+    process.start(command, local_server.server_environment())
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            MedPrunerClient(url, TOKEN, timeout=2).health()
+            break
+        except MedPrunerSlicerError:
+            if not process.is_running() or time.monotonic() > deadline:
+                log = process.log_tail()
+                process.stop()
+                pytest.fail(f"the server did not start:\n{log}")
+            time.sleep(0.3)
+    yield url
+    process.stop()
+
+
+def test_ask_end_to_end_against_the_real_server(server):
+    from medpruner.phantom import phantom_ct_array
+
+    scene = make_scene()
+    matrix = np.array([[0.0, 0.9, 0.0, 10.0], [-0.9, 0.0, 0.0, -20.0], [0.0, 0.0, 2.5, 30.0], [0, 0, 0, 1.0]])
+    volume = add_volume(scene, phantom_ct_array((16, 64, 64)), matrix, "phantom")
+    before = volume_fingerprint(volume)
+    done, errors, stages = [], [], []
+    session = AskSession(scene, lambda: MedPrunerClient(server, TOKEN), on_done=done.append, on_error=errors.append,
+                         on_progress=lambda stage, fraction, text: stages.append(stage), poll_interval=0.05)
+    session.start(volume, build_params("Is there a liver lesion?", max_new_tokens=4, compare=True))
+    session.wait(120)
+    assert not errors, errors
+    result = done[0]
+    np.testing.assert_array_equal(ijk_to_ras_array(result.attention), matrix)
+    np.testing.assert_array_equal(ijk_to_ras_array(result.decisions), matrix)
+    assert result.report["unpruned"]["answer"] is not None
+    assert set(np.unique(__import__("slicer").util.arrayFromVolume(result.decisions))) <= {0, 1, 2, 3, 4}
+    assert volume_fingerprint(volume) == before
+    assert stages[0] == "upload"
+
+
+def test_wrong_token_is_reported_by_test_connection(server):
+    assert MedPrunerClient(server, TOKEN).check_token()["auth"] is True
+    with pytest.raises(AuthenticationError, match="refused the token"):
+        MedPrunerClient(server, "wrong").check_token()
+    with pytest.raises(AuthenticationError, match="needs a token"):
+        MedPrunerClient(server).check_token()
+
+
+def test_bad_setting_names_the_field(server):
+    from MedPrunerSlicerLib.errors import InvalidRequest
+    from MedPrunerSlicerLib.volume_export import VolumeSnapshot
+
+    snapshot = VolumeSnapshot(np.arange(4 * 8 * 8, dtype=np.int16).reshape(4, 8, 8), np.eye(4))
+    with pytest.raises(InvalidRequest) as info:
+        MedPrunerClient(server, TOKEN).submit(snapshot.to_nrrd(), build_params("q?", tau=2.0))
+    assert "tau" in info.value.field and info.value.status == 422
