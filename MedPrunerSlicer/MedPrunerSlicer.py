@@ -22,6 +22,7 @@ import vtk
 from MedPrunerSlicerLib import display, local_server
 from MedPrunerSlicerLib.ask import AskSession
 from MedPrunerSlicerLib.client import MedPrunerClient, build_params
+from MedPrunerSlicerLib.conversation import conversation, conversation_html
 from MedPrunerSlicerLib.errors import JobCancelled, MedPrunerSlicerError, SettingsError
 from MedPrunerSlicerLib.result_nodes import find_results, result_from_answer_node
 from MedPrunerSlicerLib.settings import (
@@ -167,6 +168,7 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.tokenLineEdit.connect("editingFinished()", self.onTokenEdited)
         self.ui.localModelLineEdit.connect("editingFinished()", self.onLocalModelEdited)
         self.ui.overlayComboBox.connect("currentIndexChanged(int)", self.onOverlayModeChanged)
+        self.ui.conversationBrowser.connect("anchorClicked(QUrl)", self.onConversationLink)
         self.ui.previousKeptButton.connect("clicked(bool)", lambda: self.onJumpKept(-1))
         self.ui.nextKeptButton.connect("clicked(bool)", lambda: self.onJumpKept(+1))
         self._pollTimer.connect("timeout()", self.onPollTimer)
@@ -240,6 +242,9 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         shown = self._shownResultKey()
         if (shown.answer if shown else None) is not answer:
             self._showResult(result_from_answer_node(answer))
+        conversationKey = (node.inputVolume.GetID() if hasInput else None, answer.GetID() if answer else None)
+        if conversationKey != getattr(self, "_conversationKey", None):
+            self._showConversation()
         self.ui.previousKeptButton.enabled = self._shownResultKey() is not None
         self.ui.nextKeptButton.enabled = self._shownResultKey() is not None
         if node:
@@ -259,6 +264,19 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._fillCompareTable(report)
         display.show_result(slicer.mrmlScene, result, self._parameterNode.overlayMode, self._parameterNode.overlayOpacity)
         self.logic.showChart(result.tokens_chart)
+
+    def _showConversation(self) -> None:
+        node = self._parameterNode
+        volume = node.inputVolume if node else None
+        current = node.currentResult if node else None
+        self._conversationKey = (volume.GetID() if volume else None, current.GetID() if current else None)
+        self.ui.conversationBrowser.setHtml(self.logic.conversationHtml(volume, current))
+
+    def onConversationLink(self, url) -> None:
+        """A question of the conversation was clicked: show its answer and heatmaps."""
+        node = slicer.mrmlScene.GetNodeByID(url.toString().partition("result:")[2])
+        if node is not None and self._parameterNode:
+            self._parameterNode.currentResult = node
 
     def _fillCompareTable(self, report) -> None:
         rows = self.logic.compareRows(report)
@@ -328,8 +346,9 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = message
 
     def onDone(self, result) -> None:
-        self.ui.statusLabel.text = _("Answered in {seconds:.1f} s.").format(seconds=self.logic.elapsed())
+        self.ui.statusLabel.text = self.logic.doneMessage(result)
         self._parameterNode.currentResult = result.answer
+        self._showConversation()
 
     def onError(self, exc) -> None:
         self.ui.progressBar.visible = False
@@ -464,9 +483,10 @@ class MedPrunerSlicerLogic(ScriptedLoadableModuleLogic):
     def running(self) -> bool:
         return self.session.running
 
-    def ask(self, volumeNode, params) -> None:
+    def ask(self, volumeNode, params, reuse: bool = True) -> None:
+        """Ask in the background; a follow-up about the same voxels and settings reuses the server's prepared volume."""
         self.session.scene = slicer.mrmlScene
-        self.session.start(volumeNode, params)
+        self.session.start(volumeNode, params, reuse=reuse)
 
     def poll(self) -> bool:
         return self.session.poll()
@@ -485,6 +505,25 @@ class MedPrunerSlicerLogic(ScriptedLoadableModuleLogic):
 
     def results(self):
         return find_results(slicer.mrmlScene)
+
+    @staticmethod
+    def conversationHtml(volumeNode, currentAnswer=None) -> str:
+        """The questions asked about `volumeNode`, their answers, times and the time reuse saved."""
+        if volumeNode is None:
+            return "<p><i>" + _("Select an input volume to see the questions asked about it.") + "</i></p>"
+        turns = conversation(slicer.mrmlScene, volumeNode)
+        return conversation_html(turns, currentAnswer, volumeNode.GetName())
+
+    def doneMessage(self, result) -> str:
+        """The status line after an answer: how long it took and, for a follow-up, what reuse saved."""
+        turns = conversation(slicer.mrmlScene, result.input_volume)
+        turn = next((t for t in turns if t.result.answer is result.answer), None)
+        seconds = self.elapsed() if turn is None or turn.wall_s is None else turn.wall_s
+        text = _("Answered in {seconds:.1f} s.").format(seconds=seconds)
+        if turn is not None and turn.prefix_reused:
+            text += " " + _("Follow-up: the server reused the prepared volume ({saved:.1f} s saved).").format(
+                saved=turn.saved_s)
+        return text
 
     def showChart(self, chartNode) -> None:
         if chartNode is not None and hasattr(slicer.modules, "plots"):
@@ -691,16 +730,19 @@ class MedPrunerSlicerTest(ScriptedLoadableModuleTest):
             done = []
             logic.doneCallback = done.append
             logic.errorCallback = lambda exc: self.fail(str(exc))
-            logic.ask(volume, build_params("Is there a liver lesion?", max_new_tokens=8))
-            deadline = time.monotonic() + 300
-            while logic.poll() and time.monotonic() < deadline:
-                slicer.app.processEvents()
-                time.sleep(0.1)
-            self.assertEqual(len(done), 1)
+            for question in ("Is there a liver lesion?", "Where is it?"):
+                logic.ask(volume, build_params(question, max_new_tokens=8))
+                deadline = time.monotonic() + 300
+                while logic.poll() and time.monotonic() < deadline:
+                    slicer.app.processEvents()
+                    time.sleep(0.1)
+            self.assertEqual(len(done), 2)
             result = done[0]
             self.assertEqual(volume_fingerprint(volume), before)
             display.show_result(slicer.mrmlScene, result, "both", 0.6)
             self.assertEqual(result.attention.GetImageData().GetDimensions(), volume.GetImageData().GetDimensions())
-            self.delayDisplay("Tiny model end to end passed")
+            self.assertTrue(done[1].report["prefix_reused"], "the follow-up did not reuse the prepared volume")
+            self.assertIn("Where is it?", logic.conversationHtml(volume, done[1].answer))
+            self.delayDisplay("Tiny model end to end (question and follow-up) passed")
         finally:
             logic.stopLocalServer()

@@ -27,3 +27,13 @@ def redundant_slices():
     distinct = rng.integers(0, 256, size=(5, 224, 224, 3), dtype=np.uint8)
     order = [0, 0, 1, 2, 2, 2, 3, 4]
     return distinct[order]
+
+
+@pytest.fixture(scope="session")
+def real_server(tiny_qwen3_vl, tmp_path_factory):
+    """URL of one real `medpruner serve` process (tiny model, CPU, token SERVER_TOKEN) for the Slicer tests."""
+    pytest.importorskip("slicer", reason="slicer-core runs the Slicer scene tests")
+    from slicer_helpers import running_server
+
+    with running_server(tiny_qwen3_vl, tmp_path_factory.mktemp("server")) as url:
+        yield url

@@ -8,10 +8,13 @@ server is tested end to end in test_slicer_e2e.py.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -22,6 +25,42 @@ REPO = Path(__file__).resolve().parents[1]
 MODULE_DIR = REPO / "MedPrunerSlicer"
 if str(MODULE_DIR) not in sys.path:
     sys.path.insert(0, str(MODULE_DIR))
+
+
+SERVER_TOKEN = "e2e-secret-token"
+
+
+@contextlib.contextmanager
+def running_server(checkpoint, workdir: Path, token: str = SERVER_TOKEN, timeout: float = 90.0):
+    """A real `python -m medpruner serve` on 127.0.0.1 (CPU, a token), started the way the module starts
+    its local server; yields its URL and stops the whole process tree afterwards."""
+    from MedPrunerSlicerLib import local_server
+    from MedPrunerSlicerLib.client import MedPrunerClient
+    from MedPrunerSlicerLib.errors import MedPrunerSlicerError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token_file = workdir / "token"
+    token_file.write_text(token)
+    process = local_server.LocalServer(workdir)
+    command = local_server.server_command(sys.executable, str(checkpoint), port, token_file=str(token_file),
+                                          device="cpu")
+    process.start(command, local_server.server_environment())
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                MedPrunerClient(url, token, timeout=2).health()
+                break
+            except MedPrunerSlicerError:
+                if not process.is_running() or time.monotonic() > deadline:
+                    raise RuntimeError(f"the server did not start:\n{process.log_tail()}") from None
+                time.sleep(0.3)
+        yield url
+    finally:
+        process.stop()
 
 
 def make_scene():

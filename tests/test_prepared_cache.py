@@ -67,11 +67,13 @@ def test_other_volumes_and_settings_never_share_an_entry(engine, ct, tmp_path):
 def test_volume_id_errors(engine, ct, tmp_path):
     cache = PreparedCache(max_bytes=2**30)
     report = run_ask(engine, ct, AskRequest("Q?", max_new_tokens=2), tmp_path / "a", prepared_cache=cache)
-    with pytest.raises(InputError, match="No prepared volume"):
+    with pytest.raises(InputError, match="No prepared volume") as unknown:
         run_ask(engine, None, AskRequest("Q?"), tmp_path / "b", prepared_cache=cache, volume_id="0" * 32)
-    with pytest.raises(InputError, match="settings differ"):
+    with pytest.raises(InputError, match="settings differ") as mismatch:
         run_ask(engine, None, AskRequest("Q?", pruning=PruningConfig(tau=0.3)), tmp_path / "c",
                 prepared_cache=cache, volume_id=report["volume_id"])
+    # the codes a client keys its fallback (send the volume again) on
+    assert (unknown.value.code, mismatch.value.code) == ("unknown_volume", "settings_mismatch")
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 

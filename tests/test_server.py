@@ -19,7 +19,7 @@ from medpruner.phantom import make_phantom_ct
 
 TOKEN = "test-token-123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-VOLATILE = ("timings_s", "software", "peak_memory_bytes", "volume_id", "prefix_reused")
+VOLATILE = ("timings_s", "software", "peak_memory_bytes", "volume_id", "prefix_reused", "prepare_s")
 
 
 def _free_port() -> int:
@@ -199,12 +199,14 @@ def test_follow_up_by_volume_id_reuses_the_prefix(server, volume):
     assert wait(server, response.json()["job_id"])["state"] == "done"
     follow = server.get(f"/v1/jobs/{response.json()['job_id']}/result", headers=AUTH).json()
     assert follow["prefix_reused"] and follow["timings_s"]["vision"] == 0.0
+    # the follow-up did not spend what preparing the volume cost the first answer
+    assert not first["prefix_reused"] and first["prepare_s"] >= first["timings_s"]["vision"] > 0
+    assert follow["prepare_s"] == first["prepare_s"]
     _, fresh = ask(server, {"question": "Where is it?", "max_new_tokens": 5, "pruning": {"gamma": 0.05}}, volume)
     assert follow["generated_token_ids"] == fresh["generated_token_ids"]
     changed = submit(server, {"question": "Q?", "volume_id": first["volume_id"], "pruning": {"tau": 0.5}})
-    assert changed.status_code == 202
-    status = wait(server, changed.json()["job_id"])
-    assert status["state"] == "failed" and "settings differ" in status["error"]["message"]
+    assert changed.status_code == 409
+    assert changed.json()["error"]["code"] == "settings_mismatch" and "settings differ" in changed.json()["error"]["message"]
 
 
 def test_twenty_concurrent_submissions(server, volume):

@@ -6,9 +6,6 @@ slicer-core. Skipped until the server package (issue 5) is present.
 from __future__ import annotations
 
 import importlib.util
-import socket
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,42 +14,18 @@ pytest.importorskip("slicer", reason="slicer-core runs the Slicer scene tests")
 if importlib.util.find_spec("medpruner.server") is None:
     pytest.skip("medpruner.server (issue 5) is not there yet", allow_module_level=True)
 
-from MedPrunerSlicerLib import local_server
 from MedPrunerSlicerLib.ask import AskSession
 from MedPrunerSlicerLib.client import MedPrunerClient, build_params
-from MedPrunerSlicerLib.errors import AuthenticationError, MedPrunerSlicerError
+from MedPrunerSlicerLib.errors import AuthenticationError
 from MedPrunerSlicerLib.volume_export import ijk_to_ras_array, volume_fingerprint
-from slicer_helpers import add_volume, make_scene
+from slicer_helpers import SERVER_TOKEN, add_volume, make_scene
 
-TOKEN = "e2e-secret-token"
+TOKEN = SERVER_TOKEN
 
 
-@pytest.fixture(scope="module")
-def server(tiny_qwen3_vl, tmp_path_factory):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    workdir = tmp_path_factory.mktemp("server")
-    token_file = workdir / "token"
-    token_file.write_text(TOKEN)
-    process = local_server.LocalServer(workdir)
-    command = local_server.server_command(sys.executable, str(tiny_qwen3_vl), port, token_file=str(token_file),
-                                          device="cpu")
-    process.start(command, local_server.server_environment())
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            MedPrunerClient(url, TOKEN, timeout=2).health()
-            break
-        except MedPrunerSlicerError:
-            if not process.is_running() or time.monotonic() > deadline:
-                log = process.log_tail()
-                process.stop()
-                pytest.fail(f"the server did not start:\n{log}")
-            time.sleep(0.3)
-    yield url
-    process.stop()
+@pytest.fixture()
+def server(real_server):
+    return real_server
 
 
 def test_ask_end_to_end_against_the_real_server(server):

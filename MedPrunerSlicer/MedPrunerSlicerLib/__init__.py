@@ -11,7 +11,8 @@ One job per module:
 - `colors`        colour tables: perceptual attention ramp (0 transparent), 5-class decision labels
 - `result_nodes`  report + heatmaps -> MRML nodes in a subject-hierarchy folder; past results
 - `display`       heatmaps over the input in the slice views, opacity, next/previous kept slice
-- `ask`           one question end to end: snapshot, worker, progress callbacks, nodes on the main thread
+- `conversation`  the questions asked about a volume (from the scene) and the prepared volume a follow-up reuses
+- `ask`           one question end to end: snapshot, reuse or upload, worker, progress callbacks, nodes
 - `local_server`  "start a local server": requirements, command line, process tree start/stop, log
 - `scene_utils`   small MRML helpers (nodes by class, subject-hierarchy folders)
 """

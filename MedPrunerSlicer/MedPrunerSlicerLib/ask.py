@@ -1,10 +1,15 @@
 """One question end to end: volume node -> request -> poll -> result nodes, without blocking.
 
-Main thread: `AskSession.start()` checks the volume and copies it (`snapshot_volume`), then the
-worker thread encodes the NRRD, submits, polls the job's stage and progress, downloads the report
-and both heatmaps and decodes them (numpy only). Back on the main thread (`poll()`, called from
-a timer), the result nodes are created and shown. Progress, completion and errors reach the
-caller through callbacks; this module never touches widgets.
+Main thread: `AskSession.start()` checks the volume and copies it (`snapshot_volume`) and looks up
+what the scene says this volume was already prepared as on this server (`conversation`). The worker
+thread then fingerprints the copy; when an earlier answer prepared exactly these voxels with these
+settings, it names that `volume_id` instead of sending the voxels (a follow-up: the server answers
+from the cached pruned prefix), and falls back to sending the volume when the server no longer holds
+it (`unknown_volume`) or refuses the settings (`settings_mismatch`). Otherwise it encodes the NRRD and
+submits it. It polls the job's stage and progress, downloads the report and both heatmaps and decodes
+them (numpy only). Back on the main thread (`poll()`, called from a timer), the result nodes are
+created and shown. Progress, completion and errors reach the caller through callbacks; this module
+never touches widgets.
 
 Callbacks (all optional, all called on the thread that calls `poll()`):
     on_progress(stage: str, fraction: float | None, message: str)
@@ -14,20 +19,22 @@ Callbacks (all optional, all called on the thread that calls `poll()`):
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .client import MedPrunerClient
-from .errors import JobCancelled, ServerBusy
+from .conversation import Provenance, ReuseCandidate, reuse_candidates, settings_key
+from .errors import JobCancelled, ServerBusy, ServerError
 from .job_runner import JobContext, JobRunner
 from .nrrd_io import decode_nrrd
 from .result_nodes import ResultNodes, create_result_nodes
 from .volume_export import VolumeSnapshot, snapshot_volume
 
-__all__ = ["AskOutcome", "AskSession", "run_job"]
+__all__ = ["STALE_VOLUME_CODES", "AskOutcome", "AskSession", "run_job"]
 
 STAGE_TEXT = {
+    "reuse": "Asking about the volume the server already prepared",
     "upload": "Sending the volume",
     "queued": "Waiting in the server's queue",
     "load": "Reading the volume",
@@ -38,6 +45,10 @@ STAGE_TEXT = {
     "write": "Writing heatmaps",
     "download": "Receiving the result",
 }
+RESEND_TEXT = "The server no longer holds the prepared volume; sending it again"
+
+# Server error codes meaning "this volume_id cannot be used": send the volume instead.
+STALE_VOLUME_CODES = ("unknown_volume", "settings_mismatch")
 
 
 @dataclass
@@ -46,6 +57,10 @@ class AskOutcome:
     report: dict[str, Any]
     kept: tuple
     attention: tuple
+    fingerprint: str = ""
+    volume_sent: bool = True
+    upload_s: float = 0.0                       # encoding + sending the volume (0 when it was not sent)
+    reused_from: ReuseCandidate | None = None   # the prepared volume named instead of sending the voxels
 
 
 def _stage_message(status: dict[str, Any]) -> tuple[str, float | None, str]:
@@ -59,49 +74,88 @@ def _stage_message(status: dict[str, Any]) -> tuple[str, float | None, str]:
     return stage, (float(progress) if progress is not None else None), STAGE_TEXT.get(stage, stage.capitalize())
 
 
-def run_job(ctx: JobContext, client: MedPrunerClient, snapshot: VolumeSnapshot, params: dict[str, Any],
-            poll_interval: float = 0.25, busy_retries: int = 3) -> AskOutcome:
-    """The worker thread's part (also usable synchronously with a dummy context in scripts)."""
-    def check_cancel(job_id: str | None = None) -> None:
-        if ctx.cancelled:
-            if job_id:
-                try:
-                    client.cancel(job_id)
-                except Exception:  # noqa: BLE001, S110 - cancelling is best effort; the user asked to stop
-                    pass
-            raise JobCancelled("The question was cancelled.", "")
+def _check_cancel(ctx: JobContext, client: MedPrunerClient, job_id: str | None = None) -> None:
+    if ctx.cancelled:
+        if job_id:
+            try:
+                client.cancel(job_id)
+            except Exception:  # noqa: BLE001, S110 - cancelling is best effort; the user asked to stop
+                pass
+        raise JobCancelled("The question was cancelled.", "")
 
-    ctx.emit("progress", ("upload", 0.0, STAGE_TEXT["upload"]))
-    data = snapshot.to_nrrd()
-    check_cancel()
+
+def _submit(ctx: JobContext, client: MedPrunerClient, data: bytes | None, params: dict[str, Any],
+            busy_retries: int) -> tuple[dict[str, Any], float]:
+    """POST the job, waiting out a busy server; returns (reply, seconds the accepted request took)."""
     for attempt in range(busy_retries + 1):
+        started = time.monotonic()
         try:
-            submitted = client.submit(data, params)
-            break
+            return client.submit(data, params), time.monotonic() - started
         except ServerBusy as exc:
             if attempt == busy_retries:
                 raise
             ctx.emit("progress", ("queued", None, f"Server busy, retrying ({attempt + 1}/{busy_retries})"))
             if ctx.wait(exc.retry_after or 2.0):
-                check_cancel()
+                _check_cancel(ctx, client)
+    raise AssertionError("unreachable")
+
+
+def _follow(ctx: JobContext, client: MedPrunerClient, submitted: dict[str, Any], poll_interval: float) -> str:
+    """Poll a submitted job to its end; its id when done (JobFailed / JobCancelled otherwise)."""
     job_id = str(submitted["job_id"])
     ctx.emit("submitted", job_id)
     status = submitted
     while True:
-        check_cancel(job_id)
+        _check_cancel(ctx, client, job_id)
         if status.get("state") in ("done", "failed", "cancelled"):
             break
         ctx.emit("progress", _stage_message(status))
         ctx.wait(poll_interval)
-        check_cancel(job_id)
+        _check_cancel(ctx, client, job_id)
         status = client.status(job_id)
     MedPrunerClient.raise_for_state(status)
+    return job_id
+
+
+def _download(ctx: JobContext, client: MedPrunerClient, job_id: str, **outcome: Any) -> AskOutcome:
     ctx.emit("progress", ("download", 1.0, STAGE_TEXT["download"]))
     report = client.result(job_id)
     kept = decode_nrrd(client.heatmap(job_id, "kept"))
-    check_cancel()
+    _check_cancel(ctx, client)
     attention = decode_nrrd(client.heatmap(job_id, "attention"))
-    return AskOutcome(job_id=job_id, report=report, kept=kept, attention=attention)
+    return AskOutcome(job_id=job_id, report=report, kept=kept, attention=attention, **outcome)
+
+
+def run_job(ctx: JobContext, client: MedPrunerClient, snapshot: VolumeSnapshot, params: dict[str, Any],
+            poll_interval: float = 0.25, busy_retries: int = 3, reuse: Sequence[ReuseCandidate] = ()) -> AskOutcome:
+    """The worker thread's part (also usable synchronously with a dummy context in scripts).
+
+    `reuse`: prepared volumes an earlier answer recorded for this volume node, server and settings;
+    one whose fingerprint equals the snapshot's is asked about by `volume_id`, without sending voxels.
+    """
+    fingerprint = snapshot.fingerprint()
+    candidate = next((c for c in reuse if c.fingerprint == fingerprint), None)
+    if candidate is not None:
+        ctx.emit("progress", ("reuse", None, STAGE_TEXT["reuse"]))
+        try:
+            submitted, _seconds = _submit(ctx, client, None, {**params, "volume_id": candidate.volume_id},
+                                          busy_retries)
+            job_id = _follow(ctx, client, submitted, poll_interval)
+            return _download(ctx, client, job_id, fingerprint=fingerprint, volume_sent=False, upload_s=0.0,
+                             reused_from=candidate)
+        except ServerError as exc:
+            if exc.code not in STALE_VOLUME_CODES:
+                raise
+            ctx.emit("progress", ("upload", 0.0, RESEND_TEXT))
+    else:
+        ctx.emit("progress", ("upload", 0.0, STAGE_TEXT["upload"]))
+    started = time.monotonic()
+    data = snapshot.to_nrrd()
+    encode_s = time.monotonic() - started
+    _check_cancel(ctx, client)
+    submitted, send_s = _submit(ctx, client, data, params, busy_retries)
+    job_id = _follow(ctx, client, submitted, poll_interval)
+    return _download(ctx, client, job_id, fingerprint=fingerprint, volume_sent=True, upload_s=encode_s + send_s)
 
 
 class AskSession:
@@ -123,22 +177,29 @@ class AskSession:
         self.started_at: float | None = None
         self._input_id: str | None = None
         self._server_url = ""
+        self._settings_key = ""
 
     @property
     def running(self) -> bool:
         return self.runner.running
 
-    def start(self, volume_node, params: dict[str, Any]) -> None:
-        """Check and copy the volume (raises VolumeExportError at once), then run the job in the background."""
+    def start(self, volume_node, params: dict[str, Any], reuse: bool = True) -> None:
+        """Check and copy the volume (raises VolumeExportError at once), then run the job in the background.
+
+        With `reuse`, a volume this server already prepared with these settings (recorded on an earlier
+        answer about `volume_node`) is asked about without sending its voxels again.
+        """
         if self.running:
             raise RuntimeError("A question is already being answered; cancel it first.")
         snapshot = snapshot_volume(volume_node)
         client = self.client_factory()
         self._server_url = client.url
         self._input_id = volume_node.GetID()
+        self._settings_key = settings_key(params)
+        candidates = reuse_candidates(self.scene, volume_node, client.url, self._settings_key) if reuse else []
         self.job_id = None
         self.started_at = time.monotonic()
-        self.runner.start(lambda ctx: run_job(ctx, client, snapshot, params, self.poll_interval),
+        self.runner.start(lambda ctx: run_job(ctx, client, snapshot, params, self.poll_interval, reuse=candidates),
                           on_event=self._event, on_done=self._done, on_error=self._error)
 
     def cancel(self) -> None:
@@ -167,8 +228,17 @@ class AskSession:
     def _done(self, outcome: AskOutcome) -> None:
         try:
             input_node = self.scene.GetNodeByID(self._input_id) if self._input_id else None
+            provenance = Provenance(
+                volume_id=str(outcome.report.get("volume_id") or ""),
+                fingerprint=outcome.fingerprint,
+                settings_key=self._settings_key,
+                volume_sent=outcome.volume_sent,
+                upload_s=outcome.upload_s,
+                wall_s=time.monotonic() - (self.started_at or time.monotonic()),
+                saved_s=Provenance.saved_seconds(outcome.report, outcome.volume_sent, outcome.reused_from),
+            )
             result = create_result_nodes(self.scene, input_node, outcome.report, outcome.kept, outcome.attention,
-                                         outcome.job_id, self._server_url)
+                                         outcome.job_id, self._server_url, attributes=provenance.attributes())
         except Exception as exc:  # noqa: BLE001
             self._error(exc)
             return

@@ -218,12 +218,14 @@ class MedPrunerClient:
                     raise
         return info
 
-    def submit(self, nrrd_bytes: bytes, params: dict[str, Any]) -> dict[str, Any]:
-        """POST /v1/jobs -> {job_id, state, position}. Only the voxels+geometry NRRD and the params are sent."""
-        body, content_type = _multipart([
-            ("volume", "volume.nrrd", nrrd_bytes, "application/octet-stream"),
-            ("params", "", json.dumps(params).encode("utf-8"), "application/json"),
-        ])
+    def submit(self, nrrd_bytes: bytes | None, params: dict[str, Any]) -> dict[str, Any]:
+        """POST /v1/jobs -> {job_id, state, position}. Only the voxels+geometry NRRD and the params are sent;
+        with `nrrd_bytes` None, `params["volume_id"]` names a volume the server has already prepared."""
+        if nrrd_bytes is None and not params.get("volume_id"):
+            raise ValueError("submit() needs the volume's NRRD bytes or params['volume_id'].")
+        parts = [("volume", "volume.nrrd", nrrd_bytes, "application/octet-stream")] if nrrd_bytes is not None else []
+        parts.append(("params", "", json.dumps(params).encode("utf-8"), "application/json"))
+        body, content_type = _multipart(parts)
         data = self._json("POST", "/v1/jobs", body=body, content_type=content_type)
         if not data.get("job_id"):
             raise ServerError("The server accepted the volume but returned no job id.", "Update the MedPruner server.",

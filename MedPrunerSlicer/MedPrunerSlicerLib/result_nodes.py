@@ -207,6 +207,10 @@ def summary_text(report: dict) -> str:
                        f"gamma {cfg.get('gamma')}, tau {cfg.get('tau')}, temperature {cfg.get('temperature')}, "
                        f"contextual {cfg.get('contextual_ratio')}, merge {cfg.get('merge')}"),
     ]
+    if report.get("prepare_s") is not None:
+        lines.append("Prepared volume: " + (
+            f"reused from an earlier question (preparing it took {_fmt_seconds(report['prepare_s'])})"
+            if report.get("prefix_reused") else f"prepared for this question in {_fmt_seconds(report['prepare_s'])}"))
     request = report.get("request", {})
     if request:
         lines.append("Request: " + ", ".join(f"{k} {v}" for k, v in request.items()))
@@ -247,8 +251,11 @@ def _style_decisions(node, color_node) -> None:
 
 
 def create_result_nodes(scene, input_volume, report: dict, kept: tuple[np.ndarray, np.ndarray],
-                        attention: tuple[np.ndarray, np.ndarray], job_id: str = "", server_url: str = "") -> ResultNodes:
-    """Make every node of one result (see module docstring); all or nothing. Main thread only."""
+                        attention: tuple[np.ndarray, np.ndarray], job_id: str = "", server_url: str = "",
+                        attributes: dict[str, str] | None = None) -> ResultNodes:
+    """Make every node of one result (see module docstring); all or nothing. Main thread only.
+
+    `attributes` are added to the answer node (how the answer was obtained: see `conversation`)."""
     if input_volume is None or input_volume.GetScene() is not scene or input_volume.GetImageData() is None:
         raise ResultError("The input volume was removed from the scene while the question was being answered.",
                           "Load the volume again and ask again.")
@@ -296,11 +303,13 @@ def create_result_nodes(scene, input_volume, report: dict, kept: tuple[np.ndarra
 
         decisions.SetAttribute(ROLE, "decisions")
         attention_node.SetAttribute(ROLE, "attention")
-        stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
         for key, value in {"Role": "answer", "Question": report["question"], "JobId": job_id or "",
                            "Server": server_url or "", "Created": stamp,
                            "ModelId": str(report.get("model_id", ""))}.items():
             answer.SetAttribute(f"MedPruner.{key}", value)
+        for key, value in (attributes or {}).items():
+            answer.SetAttribute(key, value)
         for role, node in (("attention", attention_node), ("decisions", decisions), ("table", table),
                            ("tokens_chart", tokens_chart), ("filter_chart", filter_chart),
                            ("report", report_node), ("input", input_volume)):
@@ -356,7 +365,13 @@ def find_results(scene) -> list[ResultNodes]:
     results = [result_from_answer_node(n) for n in nodes_by_class(scene, "vtkMRMLTextNode")
                if n.GetAttribute(ROLE) == "answer"]
     results = [r for r in results if r is not None]
-    return sorted(results, key=lambda r: (r.answer.GetAttribute("MedPruner.Created") or "", r.answer.GetID()))
+    return sorted(results, key=lambda r: (r.answer.GetAttribute("MedPruner.Created") or "", _id_number(r.answer)))
+
+
+def _id_number(node) -> int:
+    """The node ID's serial (vtkMRMLTextNode12 -> 12): creation order within one timestamp."""
+    digits = "".join(ch for ch in node.GetID() if ch.isdigit())
+    return int(digits) if digits else 0
 
 
 def kept_slice_centres_ras(result: ResultNodes) -> np.ndarray:

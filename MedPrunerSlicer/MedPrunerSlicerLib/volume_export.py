@@ -53,6 +53,10 @@ class VolumeSnapshot:
     def shape_ijk(self) -> tuple[int, int, int]:
         return tuple(int(s) for s in self.array.shape[::-1])
 
+    def fingerprint(self) -> str:
+        """Equal to `volume_fingerprint` of the node it was taken from, while that node is unchanged."""
+        return _fingerprint(self.array, self.ijk_to_ras)
+
 
 def ijk_to_ras_array(volume_node) -> np.ndarray:
     """The node's own 4x4 IJK-to-RAS matrix as numpy (its parent transform, if any, is not applied)."""
@@ -139,11 +143,16 @@ def snapshot_volume(volume_node) -> VolumeSnapshot:
     return VolumeSnapshot(array=array, ijk_to_ras=matrix)
 
 
-def volume_fingerprint(volume_node) -> str:
-    """sha256 of a volume's voxels, voxel type, shape and IJK-to-RAS matrix (to prove it was not modified)."""
+def _fingerprint(array: np.ndarray, ijk_to_ras: np.ndarray) -> str:
     digest = hashlib.sha256()
-    array = np.ascontiguousarray(_voxel_array(volume_node))
+    array = np.ascontiguousarray(array)
     digest.update(str((array.dtype.str, array.shape)).encode())
-    digest.update(array.tobytes())
-    digest.update(np.ascontiguousarray(ijk_to_ras_array(volume_node)).tobytes())
+    digest.update(memoryview(array).cast("B"))
+    digest.update(np.ascontiguousarray(ijk_to_ras, dtype=np.float64).tobytes())
     return digest.hexdigest()
+
+
+def volume_fingerprint(volume_node) -> str:
+    """sha256 of a volume's voxels, voxel type, shape and IJK-to-RAS matrix: tells that a volume is
+    unchanged (no copy of the voxels is made)."""
+    return _fingerprint(_voxel_array(volume_node), ijk_to_ras_array(volume_node))

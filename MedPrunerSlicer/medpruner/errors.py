@@ -29,6 +29,18 @@ class VolumeError(InputError):
     code = "bad_volume"
 
 
+class UnknownVolume(InputError):
+    """A follow-up names a prepared volume this process no longer holds (evicted, expired, restarted)."""
+
+    code = "unknown_volume"
+
+
+class SettingsMismatch(InputError):
+    """A follow-up's slicing or pruning settings differ from those its prepared volume was made with."""
+
+    code = "settings_mismatch"
+
+
 class ModelLoadError(MedPrunerError, ValueError):
     """A checkpoint that cannot be found, read, or is of an unsupported model family."""
 

@@ -6,13 +6,14 @@ gives the same files whichever door it came in through.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import PruningConfig
-from .errors import Cancelled, InputError
+from .errors import Cancelled, InputError, SettingsMismatch, UnknownVolume
 from .report import build_report, write_json_atomic
 
 ProgressFn = Callable[[str, float], None]
@@ -88,6 +89,12 @@ class PreparedStack:
     stack: Any
     prepared: Any
     settings: dict[str, Any]
+    slicing_s: float = 0.0      # reading + slicing the volume, before the engine's own stages
+
+    @property
+    def prepare_s(self) -> float:
+        """Seconds it took to make this entry: what a follow-up that reuses it does not spend."""
+        return self.slicing_s + float(sum(self.prepared.timings.values()))
 
     @property
     def nbytes(self) -> int:
@@ -96,7 +103,7 @@ class PreparedStack:
         return prepared_nbytes(self.prepared) + int(self.stack.images.nbytes)
 
 
-def _preparation_settings(engine, request: AskRequest) -> dict[str, Any]:
+def preparation_settings(engine, request: AskRequest) -> dict[str, Any]:
     """Everything besides the voxels and geometry that changes the prepared volume."""
     return {
         "model": engine.model_id,
@@ -114,8 +121,9 @@ def _prepare_stack(engine, volume, request: AskRequest, tracker, stop, cache) ->
     from .slicing import prepare_slices
     from .volume_io import load_volume, validate_volume
 
-    settings = _preparation_settings(engine, request)
+    settings = preparation_settings(engine, request)
     tracker("load", 0.0)
+    started = time.perf_counter()
     if isinstance(volume, (str, os.PathLike)):
         image = load_volume(volume, series_uid=request.series_uid)
     else:
@@ -139,12 +147,13 @@ def _prepare_stack(engine, volume, request: AskRequest, tracker, stop, cache) ->
         multiple=adapter.token_pixels,
     )
     tracker("load", 1.0)
+    slicing_s = time.perf_counter() - started
     if stop():
         raise Cancelled()
     # Keep the prefix's KV cache only where follow-ups can use it; a one-off answer prefills in one pass.
     prepared = engine.prepare(stack.images, request.pruning, progress=tracker, cancel=stop,
                               cache_prefix=cache is not None)
-    entry = PreparedStack(stack=stack, prepared=prepared, settings=settings)
+    entry = PreparedStack(stack=stack, prepared=prepared, settings=settings, slicing_s=slicing_s)
     if cache is not None:
         cache.put(key, entry, entry.nbytes)
     return key, entry, False
@@ -177,11 +186,12 @@ def run_ask(
     if volume_id is not None:
         entry = prepared_cache.get(volume_id) if prepared_cache is not None else None
         if entry is None:
-            raise InputError(f"No prepared volume with id {volume_id!r} (it expired or was never made here).",
-                             "Send the volume again.")
-        if entry.settings != _preparation_settings(engine, request):
-            raise InputError("The request's slicing or pruning settings differ from those the volume was prepared with.",
-                             "Send the volume again with the new settings, or keep the earlier settings.")
+            raise UnknownVolume(f"No prepared volume with id {volume_id!r} (it expired or was never made here).",
+                                "Send the volume again.")
+        if entry.settings != preparation_settings(engine, request):
+            raise SettingsMismatch("The request's slicing or pruning settings differ from those the volume was "
+                                   "prepared with.",
+                                   "Send the volume again with the new settings, or keep the earlier settings.")
         key, reused = volume_id, True
     else:
         key, entry, reused = _prepare_stack(engine, volume, request, tracker, stop, prepared_cache)
@@ -214,6 +224,7 @@ def run_ask(
     report = build_report(engine, request, stack, result, unpruned)
     report["volume_id"] = key
     report["prefix_reused"] = reused
+    report["prepare_s"] = round(entry.prepare_s, 4)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_image_atomic(kept_image, out / "heatmap_kept.nrrd")

@@ -7,7 +7,6 @@ every image placeholder id into as many placeholder ids as the image has LLM tok
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 
 import torch
 

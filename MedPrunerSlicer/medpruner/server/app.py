@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from .. import __version__
 from ..errors import InputError
+from ..pipeline import preparation_settings
 from .errors import ApiError, error_response, field_errors, install_error_handlers
 from .jobs import DONE, JobManager, QueueFull, request_from_params
 from .schemas import JobParams
@@ -100,9 +101,14 @@ def create_app(manager: JobManager, settings: ServerSettings) -> FastAPI:
             if volume is not None and volume.filename:
                 raise ApiError(422, "invalid_params", "Send either a volume file or a volume_id, not both.")
             cache = manager.prepared_cache
-            if cache is None or job_params.volume_id not in cache:
+            entry = cache.get(job_params.volume_id) if cache is not None else None
+            if entry is None:
                 raise ApiError(404, "unknown_volume", f"No prepared volume {job_params.volume_id!r} on this server.",
                                "It expired or was evicted: send the volume file again.")
+            if entry.settings != preparation_settings(manager.engine, request):
+                raise ApiError(409, "settings_mismatch",
+                               "The slicing or pruning settings differ from those the volume was prepared with.",
+                               "Send the volume file again with the new settings, or keep the earlier settings.")
         else:
             if volume is None or not volume.filename:
                 raise ApiError(400, "no_file", "No volume file was sent.",
