@@ -89,6 +89,33 @@ def test_least_recently_used_entries_go_first_within_the_budget():
     assert len(cache) == 0
 
 
+def test_memory_pressure_drops_the_oldest_entries_first(tmp_path):
+    from medpruner.prepared_cache import _linux_available_fraction, free_memory_fraction
+
+    cache = PreparedCache(max_bytes=1000)
+    for key in "abcd":
+        cache.put(key, key.upper(), 10)
+    cache.get("a")                                   # order, oldest first: b c d a
+    free = {"fraction": 0.02}
+
+    def under_pressure():
+        free["fraction"] += 0.03                     # each dropped entry frees some memory
+        return free["fraction"] < 0.10
+    assert cache.evict_while(under_pressure) == 2
+    assert "b" not in cache and "c" not in cache and "d" in cache and "a" in cache
+    assert cache.evict_while(lambda: False) == 0 and len(cache) == 2
+    assert cache.evict_while(lambda: True) == 2 and len(cache) == 0    # stops when empty
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:  1000 kB\nMemAvailable:    6000000 kB\n")
+    assert _linux_available_fraction(meminfo) == 0.25
+    meminfo.write_text("garbage\n")
+    assert _linux_available_fraction(meminfo) is None
+    fraction = free_memory_fraction("cpu")
+    assert fraction is None or 0.0 < fraction <= 1.0
+    assert free_memory_fraction("meta") is None
+
+
 def test_volume_key_depends_on_every_input():
     voxels = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
     geometry, settings = {"spacing": (1, 1, 1)}, {"tau": 0.9}

@@ -3,7 +3,9 @@
 Keyed by a hash of everything that changes the prepared state: the voxels, the geometry, the
 preprocessing (axis, window, max_slices) and pruning settings, and the model. Two volumes or two
 settings therefore never share an entry. Least recently used entries are evicted when the total
-size (pixels, kept visual tokens, KV cache of the prefix) passes the budget.
+size (pixels, kept visual tokens, KV cache of the prefix) passes the budget, and before each job while
+the memory they live in is nearly full (`evict_while` + `free_memory_fraction`), so cached follow-ups
+never starve a new question of memory.
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import hashlib
 import json
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +29,36 @@ def volume_key(voxels: np.ndarray, geometry: dict[str, Any], settings: dict[str,
     digest.update(memoryview(array).cast("B"))
     digest.update(json.dumps({"geometry": geometry, "settings": settings}, sort_keys=True, default=str).encode())
     return digest.hexdigest()
+
+
+# Below this share of free memory (where the prepared volumes live), old entries are dropped before a job.
+MIN_FREE_FRACTION = 0.10
+
+
+def free_memory_fraction(device: torch.device | str) -> float | None:
+    """Share of the device's memory a new job can still use; None where it cannot be read.
+
+    CUDA: free driver memory plus what PyTorch's allocator holds but does not use. CPU: the kernel's
+    MemAvailable (Linux). Elsewhere None, and only the byte budget and out-of-memory recovery apply.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info(device)
+        idle = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return min(1.0, (free + idle) / total) if total else None
+    if device.type == "cpu":
+        return _linux_available_fraction()
+    return None
+
+
+def _linux_available_fraction(meminfo: Path = Path("/proc/meminfo")) -> float | None:
+    try:
+        fields = dict(line.split(":", 1) for line in meminfo.read_text().splitlines() if ":" in line)
+        total = int(fields["MemTotal"].split()[0])
+        available = int(fields["MemAvailable"].split()[0])
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+    return available / total if total else None
 
 
 def _tensor_bytes(value: Any, seen: set[int]) -> int:
@@ -79,6 +113,16 @@ class PreparedCache:
             while self.total_bytes > self.max_bytes:
                 self._entries.popitem(last=False)
             return True
+
+    def evict_while(self, under_pressure: Callable[[], bool]) -> int:
+        """Drop least recently used entries while `under_pressure()` is true; how many were dropped."""
+        dropped = 0
+        while True:
+            with self._lock:
+                if not self._entries or not under_pressure():
+                    return dropped
+                self._entries.popitem(last=False)
+            dropped += 1
 
     def __contains__(self, key: str) -> bool:
         with self._lock:

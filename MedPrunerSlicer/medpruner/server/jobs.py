@@ -149,6 +149,7 @@ class JobManager:
             job.stage, job.progress = stage, fraction
 
         started = time.perf_counter()
+        self._relieve_memory_pressure()
         try:
             run_ask(self.engine, job.image, job.request, job.out_dir, progress=progress,
                     cancel=job.cancel_event.is_set, prepared_cache=self.prepared_cache, volume_id=job.volume_id)
@@ -176,6 +177,22 @@ class JobManager:
         if state != DONE:
             shutil.rmtree(job.out_dir, ignore_errors=True)
         log.info("job %s %s in %.2f s", job.id, state, time.perf_counter() - started)
+
+    def _relieve_memory_pressure(self) -> None:
+        """Before a job: drop cached prepared volumes, oldest first, while the device's memory is nearly full."""
+        if self.prepared_cache is None:
+            return
+        from ..prepared_cache import MIN_FREE_FRACTION, free_memory_fraction
+
+        device = self.engine.device
+
+        def under_pressure() -> bool:
+            fraction = free_memory_fraction(device)
+            return fraction is not None and fraction < MIN_FREE_FRACTION
+
+        dropped = self.prepared_cache.evict_while(under_pressure)
+        if dropped:
+            log.warning("memory nearly full: dropped %d cached prepared volume(s)", dropped)
 
     def _expire(self) -> None:
         """Delete finished jobs past the time limit, then the oldest beyond the count limit (lock held)."""
