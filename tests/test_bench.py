@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from medpruner.bench import BenchSettings, parse_slice_counts, run_bench, write_outputs
+from medpruner.bench import BenchSettings, markdown_table, noisy_measurements, parse_slice_counts, run_bench, write_outputs
 from medpruner.errors import InputError
 
 SETTINGS = BenchSettings(slices=(4, 6), repeats=1, max_new_tokens=3)
@@ -68,6 +68,22 @@ def test_outputs_written(record, tmp_path):
     assert table.count("\n| 4 |") == 4 and table.count("\n| 6 |") == 4   # 3 operating points + follow-up
     assert "Follow-up question" in table
     assert json.loads((tmp_path / "bench.json").read_text())["results"][0]["slices"] == 4
+
+
+def test_repeats_that_disagree_are_flagged(record):
+    import copy
+
+    steady = copy.deepcopy(record)
+    for entry in steady["results"]:
+        for summary in entry["modes"].values():
+            median = summary["ttft_s"]["median"]
+            summary["ttft_s"].update(q1=median * 0.95, q3=median * 1.05)      # 10 % of the median
+    assert noisy_measurements(steady) == [] and "Warning" not in markdown_table(steady)
+    noisy = copy.deepcopy(steady)
+    ttft = noisy["results"][1]["modes"]["pruned:natural"]["ttft_s"]
+    ttft.update(q1=ttft["median"] * 0.7, q3=ttft["median"] * 1.3)          # 60 %
+    assert noisy_measurements(noisy) == ["6 slices, pruned:natural (+-30 %)"]
+    assert "Warning: the repeats disagree" in markdown_table(noisy) and "6 slices, pruned:natural" in markdown_table(noisy)
 
 
 @pytest.mark.parametrize("text", ["", "a,b", "0,4", "16,5000"])

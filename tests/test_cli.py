@@ -25,6 +25,14 @@ def _assert_same_geometry(a: sitk.Image, b: sitk.Image):
         np.testing.assert_allclose(x, y, atol=1e-6)
 
 
+def run_main(argv: list[str]) -> int:
+    """main()'s exit code, including argparse's own refusals (SystemExit)."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return int(exc.code)
+
+
 @pytest.fixture(scope="module")
 def small_ct(tmp_path_factory):
     path = tmp_path_factory.mktemp("vol") / "ct.nrrd"
@@ -156,19 +164,40 @@ def test_bad_volumes_exit_2_with_one_clear_line_and_no_outputs(case, tmp_path, c
 @pytest.mark.parametrize(
     "extra, words",
     [
-        (["--tau", "2"], "tau"),
-        (["--gamma", "-1"], "gamma"),
-        (["--max-slices", "0"], "max_slices"),
-        (["--max-new-tokens", "0"], "max_new_tokens"),
-        (["--window", "purple"], "window"),
+        (["--tau", "2"], "--tau=2.0 is out of range"),
+        (["--gamma", "-1"], "--gamma=-1.0 is out of range"),
+        (["--max-slices", "0"], "--max-slices: 0 is out of range: give a whole number from 1 to 1024"),
+        (["--max-new-tokens", "0"], "--max-new-tokens: 0 is out of range"),
+        (["--max-slices", "ten"], "--max-slices: 'ten' is not a whole number"),
+        (["--window", "purple"], "Unknown window 'purple'"),
+        (["--window", "0/40"], "width must be greater than 0"),
     ],
 )
 def test_bad_options_exit_2_and_write_nothing(tiny_qwen3_vl, small_ct, tmp_path, capsys, extra, words):
     out = tmp_path / "out"
-    code = main(["ask", str(small_ct), "Is there a lesion?", "--model", str(tiny_qwen3_vl), "--out", str(out), *extra])
-    assert code == 2
+    assert run_main(["ask", str(small_ct), "Is there a lesion?", "--model", str(tiny_qwen3_vl), "--out", str(out),
+                     *extra]) == 2
     assert words in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_out_that_is_a_file_is_refused_before_the_model_runs(small_ct, tmp_path, capsys):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("keep me")
+    # the model does not even exist: the --out check comes first, so nothing is loaded or computed
+    assert main(["ask", str(small_ct), "Where?", "--model", str(tmp_path / "no-model"), "--out", str(taken)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err and taken.read_text() == "keep me"
+    assert main(["demo", "--out", str(taken)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_tiny_is_the_demo_model_by_name(small_ct, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MEDPRUNER_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    assert main(["ask", str(small_ct), "Where?", "--model", "tiny", "--out", str(out), "--max-new-tokens", "2",
+                 "--device", "cpu"]) == 0
+    assert "tiny demo model" in capsys.readouterr().err
+    assert json.loads((out / "report.json").read_text())["model_family"] == "qwen3_vl"
 
 
 def test_empty_question_and_unknown_model(small_ct, tmp_path, capsys):
@@ -177,7 +206,13 @@ def test_empty_question_and_unknown_model(small_ct, tmp_path, capsys):
     assert "question is empty" in capsys.readouterr().err
     assert main(["ask", str(small_ct), "Where?", "--model", str(tmp_path / "no-model"), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "Cannot load a model config" in err and not out.exists()
+    assert "No checkpoint folder at" in err and "does not exist" in err and not out.exists()
+    assert main(["ask", str(small_ct), "Where?", "--model", str(small_ct), "--out", str(out)]) == 2
+    assert "a checkpoint is a folder" in capsys.readouterr().err
+    empty = tmp_path / "empty-folder"
+    empty.mkdir()
+    assert main(["ask", str(small_ct), "Where?", "--model", str(empty), "--out", str(out)]) == 2
+    assert "Cannot load a model config" in capsys.readouterr().err and not out.exists()
 
 
 def test_oversized_header_is_refused_before_reading_voxels(tmp_path, capsys):

@@ -86,8 +86,11 @@ def test_engine_works_after_errors_and_accepts_pil_and_grey(engine, redundant_sl
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(ModelLoadError, match="Cannot load a model config") as err:
+    with pytest.raises(ModelLoadError, match="No checkpoint folder at .* it does not exist") as err:
         MedPruner.from_pretrained(tmp_path / "no-such-model")
+    assert "config.json" in err.value.hint
+    with pytest.raises(ModelLoadError, match="Cannot load a model config") as err:
+        MedPruner.from_pretrained(tmp_path)            # a folder, but no checkpoint in it
     assert err.value.hint
 
 

@@ -206,7 +206,9 @@ def test_follow_up_by_volume_id_reuses_the_prefix(server, volume):
     assert follow["generated_token_ids"] == fresh["generated_token_ids"]
     changed = submit(server, {"question": "Q?", "volume_id": first["volume_id"], "pruning": {"tau": 0.5}})
     assert changed.status_code == 409
-    assert changed.json()["error"]["code"] == "settings_mismatch" and "settings differ" in changed.json()["error"]["message"]
+    error = changed.json()["error"]
+    assert error["code"] == "settings_mismatch" and "settings differ" in error["message"]
+    assert "pruning.tau 0.9 -> 0.5" in error["message"]     # names what differs
 
 
 def test_twenty_concurrent_submissions(server, volume):
@@ -253,7 +255,8 @@ def test_cancel_a_queued_and_a_running_job(server, volume):
     assert server.delete(f"/v1/jobs/{queued}", headers=AUTH).json()["state"] == "cancelled"
     server.delete(f"/v1/jobs/{running}", headers=AUTH)
     assert wait(server, running, timeout=60)["state"] == "cancelled"
-    assert server.get(f"/v1/jobs/{running}/result", headers=AUTH).status_code == 409
+    refused = server.get(f"/v1/jobs/{running}/result", headers=AUTH)
+    assert refused.status_code == 409 and "never have one" in refused.json()["error"]["hint"]
     after = submit(server, {"question": "Still there?", "max_new_tokens": 4}, volume).json()["job_id"]
     assert wait(server, after)["state"] == "done"
     assert wait(server, queued)["state"] == "cancelled", "a cancelled queued job must never run"

@@ -325,12 +325,42 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value * 100:.1f}%"
 
 
+# Repeats whose TTFT interquartile range exceeds this share of the median make a ratio unreliable.
+NOISE_LIMIT = 0.25
+
+
+def noisy_measurements(record: dict[str, Any], limit: float = NOISE_LIMIT) -> list[str]:
+    """'16 slices, pruned:natural (+-41 %)' for every mode whose repeats disagree by more than `limit`."""
+    noisy = []
+    for entry in record["results"]:
+        for mode, summary in entry["modes"].items():
+            ttft = summary["ttft_s"]
+            if ttft["median"] and ttft["q3"] is not None and ttft["q1"] is not None:
+                spread = (ttft["q3"] - ttft["q1"]) / ttft["median"]
+                if spread > limit:
+                    noisy.append(f"{entry['slices']} slices, {mode} (+-{spread * 50:.0f} %)")
+    return noisy
+
+
+def noise_warning(record: dict[str, Any]) -> str | None:
+    """A sentence for the table and the terminal when the repeats disagree, else None."""
+    noisy = noisy_measurements(record)
+    if not noisy:
+        return None
+    shown = "; ".join(noisy[:6]) + (f"; and {len(noisy) - 6} more" if len(noisy) > 6 else "")
+    return (f"Warning: the repeats disagree by more than {NOISE_LIMIT * 100:.0f} % of the median (interquartile "
+            f"range) for {shown}. The machine was busy or the runs too short: rerun on an idle machine with more "
+            "--repeats before trusting these ratios.")
+
+
 def markdown_table(record: dict[str, Any]) -> str:
     """The README-ready table: medians of TTFT per mode and the ratios that matter."""
+    warning = noise_warning(record)
     lines = [
         f"Model: {record['model_id']} on {record['device']} ({record['dtype']}), "
         f"{record['settings']['repeats']} repeats, {record['settings']['max_new_tokens']} new tokens. "
         "TTFT = vision + pruning + prefill, median in ms.",
+        *(["", f"**{warning}**"] if warning else []),
         "",
         "| slices | operating point | slices kept | visual tokens kept | TTFT full | pruned | reference | ideal "
         "| full/pruned | pruned/ideal | reference/pruned | overhead | vision pruned/full | peak mem pruned/ideal |",

@@ -15,7 +15,7 @@ from typing import Any
 from . import __version__
 from .config import PruningConfig
 from .errors import Cancelled, InputError, MedPrunerError
-from .tiny import TINY_FAMILIES
+from .tiny import TINY_FAMILIES, TINY_MODEL
 
 DEMO_QUESTION = "Is there a liver lesion?"
 TINY_WARNING = (
@@ -55,13 +55,48 @@ def _quiet_transformers() -> None:
 
 
 def _pruning_from_args(args: argparse.Namespace) -> PruningConfig:
-    return PruningConfig(enabled=not args.no_prune, gamma=args.gamma, tau=args.tau)
+    try:
+        return PruningConfig(enabled=not args.no_prune, gamma=args.gamma, tau=args.tau)
+    except ValueError as exc:   # name the option the user typed, not the Python field
+        raise InputError(str(exc).replace("PruningConfig.", "--")) from None
+
+
+def _int_within(low: int, high: int):
+    """argparse type: an integer from low to high, refused with the option's name before anything runs."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is out of range: give a whole number from {low} to {high}")
+        return value
+    return parse
+
+
+def _check_out_dir(path: Path) -> Path:
+    """Refuse an --out that cannot hold the outputs before any model is loaded."""
+    if path.exists() and not path.is_dir():
+        raise InputError(f"--out {path} is a file, not a folder.",
+                         "Give a folder for the outputs; it is created when missing.")
+    return path
+
+
+def _resolve_model(model: str, progress: _StderrProgress) -> str:
+    """'tiny' (when no such folder exists) is the tiny demo model with random weights, built once into the cache."""
+    if model == TINY_MODEL and not Path(model).exists():
+        from .tiny import ensure_tiny_checkpoint
+
+        progress.say("[load] tiny demo model (random weights: meaningless answers), built once into the cache ...")
+        return str(ensure_tiny_checkpoint())
+    return model
 
 
 def _load_engine(model: str, device: str, dtype: str | None, progress: _StderrProgress):
     from .engine import MedPruner
 
     _quiet_transformers()
+    model = _resolve_model(model, progress)
     progress.say(f"[load] model {model} ...")
     engine = MedPruner.from_pretrained(model, device=device, dtype=dtype)
     progress.say(f"[load] {engine.adapter.family} on {engine.device} ({str(engine.dtype).replace('torch.', '')})")
@@ -108,13 +143,13 @@ def _run(args: argparse.Namespace, model: str, volume: Any, question: str) -> in
         series_uid=getattr(args, "series", None),
         compare=args.compare,
     )
+    out_dir = _check_out_dir(Path(args.out))
     if not isinstance(volume, (str, Path)):
         image = volume
     else:
         progress.say(f"[load] volume {volume}")
         image = load_volume(volume, series_uid=request.series_uid)   # refuse a bad volume before loading a model
     engine = _load_engine(model, args.device, args.dtype, progress)
-    out_dir = Path(args.out)
     report = run_ask(engine, image, request, out_dir, progress=progress)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -139,7 +174,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         progress.say(f"[load] tiny demo model ({args.family}), built once into the cache ...")
         model = str(ensure_tiny_checkpoint(args.family))
     image = make_phantom_ct()
-    out_dir = Path(args.out)
+    out_dir = _check_out_dir(Path(args.out))
     out_dir.mkdir(parents=True, exist_ok=True)
     sample = out_dir / "sample_ct.nrrd"
     from .heatmaps import write_image_atomic
@@ -194,12 +229,14 @@ def _add_common(parser: argparse.ArgumentParser, out_default: str) -> None:
                              "right->left (sagittal), shown in radiological convention (default axial)")
     volume.add_argument("--window", default="auto",
                         help="auto (CT soft tissue if the volume is in Hounsfield units, else MR 0.5-99.5 "
-                             "percentile stretch), soft-tissue, lung, bone, brain, mediastinum, or W/L like 400/40")
-    volume.add_argument("--max-slices", type=int, default=None,
+                             "percentile stretch), ct (= soft-tissue), mr, soft-tissue, lung, bone, brain, "
+                             "mediastinum, or W/L like 400/40")
+    volume.add_argument("--max-slices", type=_int_within(1, 1024), default=None,
                         help="at most this many evenly spaced slices go to the model (default: the model's "
                              "recommendation, 32 for Qwen3-VL)")
     model = parser.add_argument_group("model")
-    model.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in tokens (default 128)")
+    model.add_argument("--max-new-tokens", type=_int_within(1, 4096), default=128,
+                       help="longest answer in tokens (default 128)")
     model.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     model.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                        help="weights dtype (default: the checkpoint's own)")
@@ -227,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask = commands.add_parser("ask", help="ask a question about a volume file or DICOM series folder")
     ask.add_argument("volume", help="NRRD, NIfTI (.nii/.nii.gz), MHA/MHD file, or a DICOM series folder")
     ask.add_argument("question", help="the question, in quotes")
-    ask.add_argument("--model", required=True, help="checkpoint directory or hub id (e.g. Qwen/Qwen3-VL-2B-Instruct)")
+    ask.add_argument("--model", required=True, help="checkpoint directory or hub id (e.g. Qwen/Qwen3-VL-2B-Instruct), or tiny for the demo model")
     ask.add_argument("--series", default=None, help="DICOM SeriesInstanceUID when the folder holds several series")
     _add_common(ask, "medpruner-out")
     ask.set_defaults(func=cmd_ask)

@@ -128,6 +128,24 @@ def _check_question(question: Any) -> str:
     return question
 
 
+def _local_checkpoint(name: str) -> str:
+    """A name written as a path ('/..', './..', '~/..', 'a/b/c', 'C:\\..') must be an existing folder:
+    say so plainly instead of letting the hub client judge it as a malformed repo id."""
+    path = Path(name).expanduser()
+    written_as_path = (name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1
+                       or bool(path.drive))
+    if not written_as_path:
+        return name
+    if not path.exists():
+        raise ModelLoadError(f"No checkpoint folder at {name!r}: it does not exist.",
+                             "Give the folder that holds config.json and the weights, or a hub id such as "
+                             "Qwen/Qwen3-VL-2B-Instruct.")
+    if not path.is_dir():
+        raise ModelLoadError(f"{name!r} is a file; a checkpoint is a folder.",
+                             "Give the folder that holds config.json and the weights.")
+    return str(path) if name.startswith("~") else name
+
+
 def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -202,7 +220,7 @@ class MedPruner:
             raise InputError(f"renumber_positions must be True, False or None, got {renumber_positions!r}.")
         from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
-        name = os.fspath(path_or_id)
+        name = _local_checkpoint(os.fspath(path_or_id))
         torch_device = _resolve_device(device)
         torch_dtype = _resolve_dtype(dtype)
         try:
@@ -211,7 +229,8 @@ class MedPruner:
             where = "directory" if Path(name).exists() else "path or hub id"
             raise ModelLoadError(
                 f"Cannot load a model config from {name!r} ({where}): {str(exc).splitlines()[0]}",
-                "Give a local checkpoint directory (with config.json) or a hub id that is cached on this machine.",
+                "Give a local checkpoint directory (with config.json) or a hub id that is cached on this machine "
+                "(HF_HUB_OFFLINE=1 makes a missing hub id fail at once instead of retrying the network).",
             ) from exc
         adapter_cls = adapter_for(getattr(config, "model_type", None))
         if adapter_cls is None:

@@ -103,6 +103,22 @@ class PreparedStack:
         return prepared_nbytes(self.prepared) + int(self.stack.images.nbytes)
 
 
+def settings_differences(prepared: dict[str, Any], requested: dict[str, Any]) -> str:
+    """'pruning.tau 0.9 -> 0.5, axis axial -> coronal': what differs between two preparation settings."""
+    def flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in settings.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[prefix + key] = value
+        return out
+
+    old, new = flat(prepared), flat(requested)
+    return ", ".join(f"{key} {old.get(key)} -> {new.get(key)}" for key in sorted(old.keys() | new.keys())
+                     if old.get(key) != new.get(key))
+
+
 def preparation_settings(engine, request: AskRequest) -> dict[str, Any]:
     """Everything besides the voxels and geometry that changes the prepared volume."""
     return {
@@ -188,9 +204,10 @@ def run_ask(
         if entry is None:
             raise UnknownVolume(f"No prepared volume with id {volume_id!r} (it expired or was never made here).",
                                 "Send the volume again.")
-        if entry.settings != preparation_settings(engine, request):
+        requested = preparation_settings(engine, request)
+        if entry.settings != requested:
             raise SettingsMismatch("The request's slicing or pruning settings differ from those the volume was "
-                                   "prepared with.",
+                                   f"prepared with ({settings_differences(entry.settings, requested)}).",
                                    "Send the volume again with the new settings, or keep the earlier settings.")
         key, reused = volume_id, True
     else:

@@ -87,7 +87,7 @@ _DISPLAY = {
     "coronal": ((1, 0, 2), (True, True, False)),
     "sagittal": ((2, 0, 1), (False, True, False)),
 }
-_W_L = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*/\s*(-?\d+(?:\.\d*)?)\s*$")
+_W_L = re.compile(r"^\s*(-?\d+(?:\.\d*)?)\s*/\s*(-?\d+(?:\.\d*)?)\s*$")
 
 
 @dataclass(frozen=True)
@@ -249,6 +249,8 @@ def parse_window(window: str, image_array: np.ndarray | None = None) -> dict[str
         width, level = float(m.group(1)), float(m.group(2))
         if width > 0:
             return {"kind": "CT", "name": "custom", "width": width, "level": level, "auto": False}
+        raise InputError(f"Window {window!r} has width {width:g}: a window's width must be greater than 0.",
+                         "Give it as WIDTH/LEVEL, e.g. 400/40 for soft tissue.")
     raise InputError(f"Unknown window {window!r}.", _window_hint())
 
 
@@ -431,7 +433,8 @@ def _positive_int(value: Any, name: str) -> int:
 
 
 def _window_hint() -> str:
-    return "Use 'auto', 'ct', 'mr', one of " + ", ".join(CT_PRESETS) + ", or 'W/L' such as '350/50'."
+    return ("Use 'auto', 'ct' (soft tissue), 'mr' (percentile stretch), one of "
+            + ", ".join(name.replace("_", "-") for name in CT_PRESETS) + ", or 'W/L' such as '350/50'.")
 
 
 def _jsonable(obj: Any) -> Any:

@@ -62,6 +62,8 @@ _CORPUS = [
 ]
 
 TINY_FAMILIES = ("qwen3_vl", "qwen2_5_vl", "gemma3")
+# The model name the CLI and server take for the tiny demo checkpoint (random weights).
+TINY_MODEL = "tiny"
 
 # Qwen2.5-VL instruct checkpoints open every conversation with a default system turn.
 QWEN2_5_CHAT_TEMPLATE = (

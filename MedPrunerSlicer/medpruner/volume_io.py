@@ -183,10 +183,13 @@ def _check_attached_data_length(p: Path, reader: sitk.ImageFileReader) -> None:
         return
     expected, actual, gz = got
     if expected != actual:
-        what = "shorter" if (not gz and actual < expected) else "of a different length"
+        if gz:   # the gzip trailer only holds the size mod 2**32: say what is wrong, not that number
+            detail = f"its compressed data does not decompress to the {expected} bytes the header's sizes say"
+        else:
+            what = "shorter" if actual < expected else "longer"
+            detail = f"the voxel data is {what} than the header's sizes say ({actual} bytes instead of {expected})"
         raise VolumeError(
-            f"{p.name} is truncated or its header lies: the voxel data is {what} than the header's sizes say "
-            f"({actual} bytes{' mod 2**32, uncompressed' if gz else ''} instead of {expected}).",
+            f"{p.name} is truncated or its header lies: {detail}.",
             "Export or copy the volume again; the file is incomplete or its header does not match its data.",
         )
 

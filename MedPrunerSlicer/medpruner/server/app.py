@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from .. import __version__
 from ..errors import InputError
-from ..pipeline import preparation_settings
+from ..pipeline import preparation_settings, settings_differences
 from .errors import ApiError, error_response, field_errors, install_error_handlers
 from .jobs import DONE, JobManager, QueueFull, request_from_params
 from .schemas import JobParams
@@ -99,15 +99,19 @@ def create_app(manager: JobManager, settings: ServerSettings) -> FastAPI:
         image = None
         if job_params.volume_id is not None:
             if volume is not None and volume.filename:
-                raise ApiError(422, "invalid_params", "Send either a volume file or a volume_id, not both.")
+                raise ApiError(422, "invalid_params", "Send either a volume file or a volume_id, not both.",
+                               "Leave out the file to ask about the prepared volume, or the volume_id to send a "
+                               "new one.")
             cache = manager.prepared_cache
             entry = cache.get(job_params.volume_id) if cache is not None else None
             if entry is None:
                 raise ApiError(404, "unknown_volume", f"No prepared volume {job_params.volume_id!r} on this server.",
                                "It expired or was evicted: send the volume file again.")
-            if entry.settings != preparation_settings(manager.engine, request):
+            requested = preparation_settings(manager.engine, request)
+            if entry.settings != requested:
                 raise ApiError(409, "settings_mismatch",
-                               "The slicing or pruning settings differ from those the volume was prepared with.",
+                               "The slicing or pruning settings differ from those the volume was prepared with "
+                               f"({settings_differences(entry.settings, requested)}).",
                                "Send the volume file again with the new settings, or keep the earlier settings.")
         else:
             if volume is None or not volume.filename:
@@ -135,8 +139,9 @@ def create_app(manager: JobManager, settings: ServerSettings) -> FastAPI:
     def finished_file(job_id: str, name: str) -> Path:
         job = job_or_404(job_id)
         if job.state != DONE:
-            raise ApiError(409, "not_done", f"Job {job_id} is {job.state}, so it has no result.",
-                           "Poll GET /v1/jobs/{id} until its state is 'done'.")
+            hint = ("Poll GET /v1/jobs/{id} until its state is 'done'." if job.state in ("queued", "running") else
+                    "It will never have one: its status (GET /v1/jobs/{id}) says why; submit the question again.")
+            raise ApiError(409, "not_done", f"Job {job_id} is {job.state}, so it has no result.", hint)
         return job.out_dir / name
 
     @app.get("/v1/jobs/{job_id}/result", dependencies=[Depends(require_token)])

@@ -21,7 +21,7 @@ def add_serve_parser(commands) -> None:
                     "--keep-minutes and at most --keep-jobs of them, then deleted with their files. API: "
                     "GET /v1/health, POST /v1/jobs, GET /v1/jobs/{id}[/result|/heatmaps/kept|/heatmaps/attention], "
                     "DELETE /v1/jobs/{id}; interactive docs at /docs.")
-    serve.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    serve.add_argument("--model", required=True, help="checkpoint directory or hub id, or tiny for the demo model (random weights)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8765, help="port (default 8765)")
     token = serve.add_mutually_exclusive_group()
@@ -68,7 +68,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import uvicorn
     except ImportError as exc:
         raise InputError(f"The server needs {exc.name}, which is not installed.",
-                         'pip install "medpruner[server]"') from exc
+                         'Install the server extras: pip install -e ".[server]" in the MedPrunerSlicer checkout.') from exc
     from ..cli import _load_engine, _StderrProgress
     from ..prepared_cache import PreparedCache
     from .app import ServerSettings, create_app
