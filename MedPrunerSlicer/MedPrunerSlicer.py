@@ -347,8 +347,7 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onDone(self, result) -> None:
         self.ui.statusLabel.text = self.logic.doneMessage(result)
-        self._parameterNode.currentResult = result.answer
-        self._showConversation()
+        self._parameterNode.currentResult = result.answer   # shows it, and the conversation with it
 
     def onError(self, exc) -> None:
         self.ui.progressBar.visible = False
