@@ -158,7 +158,7 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
         self.ui.askButton.connect("clicked(bool)", self.onAskOrCancel)
-        self.ui.questionLineEdit.connect("returnPressed()", self.onAskOrCancel)
+        self.ui.questionLineEdit.connect("returnPressed()", self.onQuestionReturn)
         self.ui.testConnectionButton.connect("clicked(bool)", self.onTestConnection)
         self.ui.startServerButton.connect("clicked(bool)", self.onStartServer)
         self.ui.stopServerButton.connect("clicked(bool)", self.onStopServer)
@@ -178,18 +178,23 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        self.removeObservers()
         self._pollTimer.stop()
         self._serverTimer.stop()
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+        self.removeObservers()
         if self.logic:
             self.logic.shutdown()
 
     def enter(self) -> None:
+        self._loadServerFields()   # Application Settings may have changed them meanwhile
         self.initializeParameterNode()
+
+    def _loadServerFields(self) -> None:
+        prefs = self.logic.preferences
+        self.ui.serverUrlComboBox.setCurrentText(prefs.server_url)
+        self.ui.tokenLineEdit.text = prefs.token
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -200,6 +205,9 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event) -> None:
         self.logic.cancel()
         self.setParameterNode(None)
+        self._showResult(None)                 # node IDs restart in the next scene: forget the old ones
+        self._conversationKey = None
+        self.ui.conversationBrowser.setHtml("")
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -247,7 +255,7 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._showConversation()
         self.ui.previousKeptButton.enabled = self._shownResultKey() is not None
         self.ui.nextKeptButton.enabled = self._shownResultKey() is not None
-        if node:
+        if node and self._shownResultKey() is not None:
             display.set_opacity(slicer.mrmlScene, node.overlayOpacity)
 
     def _shownResultKey(self):
@@ -275,7 +283,7 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onConversationLink(self, url) -> None:
         """A question of the conversation was clicked: show its answer and heatmaps."""
         node = slicer.mrmlScene.GetNodeByID(url.toString().partition("result:")[2])
-        if node is not None and self._parameterNode:
+        if self._parameterNode and result_from_answer_node(node) is not None and node.IsA("vtkMRMLTextNode"):
             self._parameterNode.currentResult = node
 
     def _fillCompareTable(self, report) -> None:
@@ -290,6 +298,11 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         table.resizeRowsToContents()
 
     # -- asking --------------------------------------------------------------------------------
+    def onQuestionReturn(self) -> None:
+        """Enter in the question field asks; it never cancels a running question."""
+        if not self.logic.running and self.ui.askButton.enabled:
+            self.onAskOrCancel()
+
     def onAskOrCancel(self) -> None:
         if self.logic.running:
             self.logic.cancel()
@@ -347,7 +360,8 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onDone(self, result) -> None:
         self.ui.statusLabel.text = self.logic.doneMessage(result)
-        self._parameterNode.currentResult = result.answer   # shows it, and the conversation with it
+        if self._parameterNode:
+            self._parameterNode.currentResult = result.answer   # shows it, and the conversation with it
 
     def onError(self, exc) -> None:
         self.ui.progressBar.visible = False
@@ -357,9 +371,10 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = _("Failed.")
         if isinstance(exc, MedPrunerSlicerError):
             text = exc.message + ("\n\n" + exc.hint if exc.hint else "")
-            slicer.util.errorDisplay(text, windowTitle=_("MedPruner"), detailedText=exc.details or None)
+            details = {"detailedText": exc.details} if exc.details else {}   # None would show as "None"
+            slicer.util.errorDisplay(text, windowTitle=_("MedPruner"), **details)
         else:
-            logging.exception("MedPrunerSlicer: unexpected error")
+            logging.error("MedPrunerSlicer: unexpected error", exc_info=exc)
             slicer.util.errorDisplay(_("Unexpected error: {error}").format(error=exc), windowTitle=_("MedPruner"),
                                      detailedText=repr(exc))
 
@@ -409,18 +424,24 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onStartServer(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not start the local server."), waitCursor=False):
-            self.onLocalModelEdited()
-            if not self.logic.ensureServerDependencies():
-                return
-            self.logic.startLocalServer(self.ui.localModelLineEdit.text)
-            url = self.logic.preferences.server_url
-            self.ui.serverUrlComboBox.setCurrentText(url)
-            self.ui.serverStatusLabel.text = _("Starting the server (loading the model can take minutes)...")
-            self._serverStartedAt = time.monotonic()
-            self.ui.startServerButton.enabled = False
-            self.ui.stopServerButton.enabled = True
-            self.ui.openLogButton.enabled = True
-            self._serverTimer.start()
+            try:
+                self._startServer()
+            except MedPrunerSlicerError as exc:   # message, hint and details (e.g. pip's output) in one dialog
+                self.onError(exc)
+
+    def _startServer(self) -> None:
+        self.onLocalModelEdited()
+        if not self.logic.ensureServerDependencies():
+            return
+        self.logic.startLocalServer(self.ui.localModelLineEdit.text)
+        url = self.logic.preferences.server_url
+        self.ui.serverUrlComboBox.setCurrentText(url)
+        self.ui.serverStatusLabel.text = _("Starting the server (loading the model can take minutes)...")
+        self._serverStartedAt = time.monotonic()
+        self.ui.startServerButton.enabled = False
+        self.ui.stopServerButton.enabled = True
+        self.ui.openLogButton.enabled = True
+        self._serverTimer.start()
 
     def onServerTimer(self) -> None:
         state, text = self.logic.localServerState()
@@ -615,23 +636,26 @@ class MedPrunerSlicerLogic(ScriptedLoadableModuleLogic):
                 slicer.util.restart() if slicer.util.confirmYesNoDisplay(_("Restart Slicer now?")) else None
             raise SettingsError(_("The PyTorch extension is needed to start a local server."),
                                 _("Install 'PyTorch' from the Extensions Manager, restart Slicer, and try again."))
-        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        if not torchLogic.torchInstalled():
-            torch = torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=">=2.4,<3")
-            if torch is None:
-                raise SettingsError(_("PyTorch was not installed."), _("Install it from the PyTorch Utils module."))
+        # Called when torch is missing or too old (torchInstalled() would only say it imports).
+        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=">=2.4,<3")
+        if torch is None:
+            raise SettingsError(_("PyTorch was not installed."), _("Install it from the PyTorch Utils module."))
 
     @staticmethod
     def _pipInstall(requirements) -> None:
         import subprocess
 
         try:
-            packaging = getattr(slicer, "packaging", None)
-            if packaging is not None and hasattr(packaging, "pip_ensure"):   # Slicer 5.12+
-                packaging.pip_ensure(list(requirements), requester="MedPrunerSlicer")
+            import slicer.packaging as packaging   # Slicer 5.12+; not imported by `import slicer`
+        except ImportError:
+            packaging = None
+        try:
+            if packaging is not None and hasattr(packaging, "pip_ensure"):
+                # The user already confirmed the list above: no second dialog.
+                packaging.pip_ensure(list(requirements), prompt_install=False, requester="MedPrunerSlicer")
             else:
                 slicer.util.pip_install(" ".join(f'"{r}"' for r in requirements))
-        except subprocess.CalledProcessError as exc:
+        except (subprocess.CalledProcessError, RuntimeError) as exc:
             output = "\n".join(str(x) for x in (getattr(exc, "output", None), getattr(exc, "stderr", None)) if x)
             raise SettingsError(_("Installing the server's Python packages failed."),
                                 _("Check the network connection (or proxy settings) and try again; the pip output "
@@ -715,7 +739,10 @@ class MedPrunerSlicerTest(ScriptedLoadableModuleTest):
             self.delayDisplay("Server dependencies not installed: tiny-model test skipped")
             return
         self.delayDisplay("Starting a local server with the tiny model")
+        from MedPrunerSlicerLib.settings import DictStore
+
         logic = MedPrunerSlicerLogic()
+        logic.preferences = Preferences(DictStore())   # never touch the user's saved server address
         logic.preferences.server_url = "http://127.0.0.1:18765"
         logic.startLocalServer("")
         try:

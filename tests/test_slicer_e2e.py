@@ -66,3 +66,24 @@ def test_bad_setting_names_the_field(server):
     with pytest.raises(InvalidRequest) as info:
         MedPrunerClient(server, TOKEN).submit(snapshot.to_nrrd(), build_params("q?", tau=2.0))
     assert "tau" in info.value.field and info.value.status == 422
+
+
+def test_a_scene_closed_while_asking_gets_no_result_nodes(server):
+    """After a close, node IDs restart: the answer must not attach to a new node that took the old ID."""
+    from medpruner.phantom import phantom_ct_array
+    from MedPrunerSlicerLib.errors import ResultError
+
+    scene = make_scene()
+    volume = add_volume(scene, phantom_ct_array((8, 48, 48)), np.eye(4), "phantom")
+    old_id = volume.GetID()
+    done, errors = [], []
+    session = AskSession(scene, lambda: MedPrunerClient(server, TOKEN), on_done=done.append, on_error=errors.append,
+                         poll_interval=0.05)
+    session.start(volume, build_params("Is there a liver lesion?", max_new_tokens=2))
+    scene.Clear(0)
+    newcomer = add_volume(scene, phantom_ct_array((8, 48, 48)), np.eye(4), "another patient")
+    assert newcomer.GetID() == old_id
+    session.wait(120)
+    assert not done and len(errors) == 1 and isinstance(errors[0], ResultError)
+    assert "removed from the scene" in errors[0].message
+    assert scene.GetNodesByClass("vtkMRMLTextNode").GetNumberOfItems() == 0

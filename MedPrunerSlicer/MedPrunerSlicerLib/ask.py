@@ -175,7 +175,7 @@ class AskSession:
         self.runner = JobRunner()
         self.job_id: str | None = None
         self.started_at: float | None = None
-        self._input_id: str | None = None
+        self._input_node = None   # the node itself: after a scene close, an ID could name another node
         self._server_url = ""
         self._settings_key = ""
 
@@ -194,7 +194,7 @@ class AskSession:
         snapshot = snapshot_volume(volume_node)
         client = self.client_factory()
         self._server_url = client.url
-        self._input_id = volume_node.GetID()
+        self._input_node = volume_node
         self._settings_key = settings_key(params)
         candidates = reuse_candidates(self.scene, volume_node, client.url, self._settings_key) if reuse else []
         self.job_id = None
@@ -227,7 +227,7 @@ class AskSession:
 
     def _done(self, outcome: AskOutcome) -> None:
         try:
-            input_node = self.scene.GetNodeByID(self._input_id) if self._input_id else None
+            input_node, self._input_node = self._input_node, None
             provenance = Provenance(
                 volume_id=str(outcome.report.get("volume_id") or ""),
                 fingerprint=outcome.fingerprint,
