@@ -87,17 +87,18 @@ def _check_cancel(ctx: JobContext, client: MedPrunerClient, job_id: str | None =
 def _submit(ctx: JobContext, client: MedPrunerClient, data: bytes | None, params: dict[str, Any],
             busy_retries: int) -> tuple[dict[str, Any], float]:
     """POST the job, waiting out a busy server; returns (reply, seconds the accepted request took)."""
-    for attempt in range(busy_retries + 1):
+    attempt = 0
+    while True:
         started = time.monotonic()
         try:
             return client.submit(data, params), time.monotonic() - started
         except ServerBusy as exc:
             if attempt == busy_retries:
                 raise
-            ctx.emit("progress", ("queued", None, f"Server busy, retrying ({attempt + 1}/{busy_retries})"))
+            attempt += 1
+            ctx.emit("progress", ("queued", None, f"Server busy, retrying ({attempt}/{busy_retries})"))
             if ctx.wait(exc.retry_after or 2.0):
                 _check_cancel(ctx, client)
-    raise AssertionError("unreachable")
 
 
 def _follow(ctx: JobContext, client: MedPrunerClient, submitted: dict[str, Any], poll_interval: float) -> str:
@@ -138,7 +139,7 @@ def run_job(ctx: JobContext, client: MedPrunerClient, snapshot: VolumeSnapshot, 
     if candidate is not None:
         ctx.emit("progress", ("reuse", None, STAGE_TEXT["reuse"]))
         try:
-            submitted, _seconds = _submit(ctx, client, None, {**params, "volume_id": candidate.volume_id},
+            submitted, _ = _submit(ctx, client, None, {**params, "volume_id": candidate.volume_id},
                                           busy_retries)
             job_id = _follow(ctx, client, submitted, poll_interval)
             return _download(ctx, client, job_id, fingerprint=fingerprint, volume_sent=False, upload_s=0.0,
@@ -246,6 +247,7 @@ class AskSession:
             self.on_done(result)
 
     def _error(self, exc: BaseException) -> None:
+        self._input_node = None   # do not keep a node of the scene alive after the job
         if self.on_error:
             self.on_error(exc)
         else:
