@@ -119,13 +119,39 @@ def test_memory_pressure_drops_the_oldest_entries_first(tmp_path):
 def test_volume_key_depends_on_every_input():
     voxels = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
     geometry, settings = {"spacing": (1, 1, 1)}, {"tau": 0.9}
-    key = volume_key(voxels, geometry, settings)
-    assert key == volume_key(voxels.copy(), geometry, settings)
-    assert key != volume_key(voxels.astype(np.int32), geometry, settings)
-    assert key != volume_key(voxels.reshape(3, 2, 4), geometry, settings)
+    secret = b"s" * 32
+
+    def key_of(v, g=geometry, s=settings):
+        return volume_key(v, g, s, secret=secret)
+
+    key = key_of(voxels)
+    assert key == key_of(voxels.copy())
+    assert key != key_of(voxels.astype(np.int32))
+    assert key != key_of(voxels.reshape(3, 2, 4))
     changed = voxels.copy()
     changed[1, 2, 3] += 1
-    assert key != volume_key(changed, geometry, settings)
-    assert key != volume_key(voxels, {"spacing": (1, 1, 2)}, settings)
-    assert key != volume_key(voxels, geometry, {"tau": 0.8})
+    assert key != key_of(changed)
+    assert key != key_of(voxels, {"spacing": (1, 1, 2)})
+    assert key != key_of(voxels, geometry, {"tau": 0.8})
     json.dumps({"key": key})
+
+
+def test_volume_ids_are_keyed_per_server():
+    """An id reveals nothing about the voxels: another secret (another server, a restart) gives another id,
+    and no unkeyed hash of the same bytes reproduces it."""
+    import hashlib
+
+    voxels = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
+    geometry, settings = {"spacing": (1, 1, 1)}, {"tau": 0.9}
+    one, two = PreparedCache(2**20), PreparedCache(2**20)
+    assert one.secret != two.secret and len(one.secret) >= 16
+    first = one.key_for(voxels, geometry, settings)
+    assert first == one.key_for(voxels.copy(), geometry, settings)
+    assert first != two.key_for(voxels, geometry, settings)
+    plain = hashlib.blake2b(digest_size=16)
+    plain.update(f"{voxels.dtype.str}{voxels.shape}".encode())
+    plain.update(voxels.tobytes())
+    plain.update(json.dumps({"geometry": geometry, "settings": settings}, sort_keys=True, default=str).encode())
+    assert first != plain.hexdigest()
+    with pytest.raises(ValueError):
+        volume_key(voxels, geometry, settings, secret=b"")

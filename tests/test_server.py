@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -17,20 +16,13 @@ import SimpleITK as sitk
 
 from medpruner.phantom import make_phantom_ct
 
-TOKEN = "test-token-123"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+from server_helpers import AUTH, TOKEN, free_port, wait_state
 VOLATILE = ("timings_s", "software", "peak_memory_bytes", "volume_id", "prefix_reused", "prepare_s")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(tiny_qwen3_vl, tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log, "w") as handle:
         proc = subprocess.Popen(
@@ -73,13 +65,7 @@ def submit(client, params, volume_path=None, content=None, headers=AUTH):
 
 
 def wait(client, job_id, states=("done", "failed", "cancelled"), timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        status = client.get(f"/v1/jobs/{job_id}", headers=AUTH).json()
-        if status["state"] in states:
-            return status
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} stuck: {status}")
+    return wait_state(client, job_id, states, timeout)
 
 
 def ask(client, params, volume_path):
@@ -155,8 +141,9 @@ def test_unknown_jobs_routes_and_heatmaps(server):
         response = server.get(path, headers=AUTH)
         assert response.status_code == 404 and response.json()["error"]["code"] == "unknown_job"
     assert server.delete("/v1/jobs/nope", headers=AUTH).status_code == 404
-    response = server.get("/v2/anything")
+    response = server.get("/v2/anything", headers=AUTH)
     assert response.status_code == 404 and "error" in response.json()
+    assert server.get("/v2/anything").status_code == 401   # auth before routing: unknown paths reveal nothing
     assert server.get("/v1/jobs/nope").status_code == 401   # the token is checked before anything else
 
 
@@ -262,19 +249,23 @@ def test_cancel_a_queued_and_a_running_job(server, volume):
     assert wait(server, queued)["state"] == "cancelled", "a cancelled queued job must never run"
 
 
-def test_dicom_zip_upload(server, tmp_path):
+def _zip_folder(folder: Path, archive: Path) -> Path:
     import zipfile
 
+    with zipfile.ZipFile(archive, "w") as handle:
+        for path in sorted(folder.iterdir()):
+            handle.write(path, f"series/{path.name}")
+    return archive
+
+
+def test_dicom_zip_upload(server, tmp_path):
     from volume_helpers import write_dicom_series
 
     folder = tmp_path / "series"
     image = make_phantom_ct(shape=(8, 48, 48))
     folder.mkdir()
     write_dicom_series(image, folder, series_uid="1.2.826.0.1.3680043.2.1125.99")
-    archive = tmp_path / "series.zip"
-    with zipfile.ZipFile(archive, "w") as handle:
-        for path in sorted(folder.iterdir()):
-            handle.write(path, f"series/{path.name}")
+    archive = _zip_folder(folder, tmp_path / "series.zip")
     response = server.post("/v1/jobs", files={"volume": ("series.zip", archive.read_bytes())},
                            data={"params": json.dumps({"question": "Q?", "max_new_tokens": 3})}, headers=AUTH)
     assert response.status_code == 202, response.text
@@ -282,3 +273,25 @@ def test_dicom_zip_upload(server, tmp_path):
     report = server.get(f"/v1/jobs/{response.json()['job_id']}/result", headers=AUTH).json()
     assert report["input"]["size"] == [48, 48, 8]
     assert "1.2.826.0.1.3680043" not in json.dumps(report), "no DICOM UIDs may be kept"
+
+
+def test_dicom_zip_with_several_series_fails_without_naming_uids(server, tmp_path):
+    """What only the reader sees (the series in a zip) fails the job; the message counts the series and names no
+    UID, no server path, and the option it suggests exists."""
+    from volume_helpers import write_dicom_series
+
+    folder = tmp_path / "series"
+    uids = ["1.2.826.0.1.3680043.2.1125.98.1", "1.2.826.0.1.3680043.2.1125.98.2"]
+    for uid in uids:
+        write_dicom_series(make_phantom_ct(shape=(4, 32, 32)), folder, series_uid=uid)
+    archive = _zip_folder(folder, tmp_path / "two.zip")
+    response = server.post("/v1/jobs", files={"volume": ("two.zip", archive.read_bytes())},
+                           data={"params": json.dumps({"question": "Q?", "max_new_tokens": 2})}, headers=AUTH)
+    assert response.status_code == 202, response.text
+    status = wait(server, response.json()["job_id"])
+    assert status["state"] == "failed" and status["error"]["code"] == "bad_volume", status
+    error = status["error"]
+    assert "several DICOM series" in error["message"] and "4 files, 4 files" in error["message"]
+    assert "one series" in error["hint"]
+    text = json.dumps(error)
+    assert "1.2.826" not in text and "medpruner-serve-" not in text and "/tmp" not in text and "series-uid" not in text

@@ -153,6 +153,9 @@ class MedPrunerClient:
         hint = str(err.get("hint") or "")
         code = str(err.get("code") or "")
         details = f"HTTP {status} from {self.url}\n{body.decode('utf-8', 'replace')[:2000]}"
+        if status == 403 and code in ("forbidden_host", "forbidden_origin"):
+            return ServerError(f"The server at {self.url} refused the request: {message}",
+                               hint or "Use the address the server listens on.", details, status, code)
         if status in (401, 403):
             if self.token:
                 return AuthenticationError(f"The server at {self.url} refused the token.",

@@ -35,7 +35,7 @@ ENGINE_REQUIREMENTS = (
     "jinja2>=3.1",
     "fastapi>=0.110",
     "uvicorn>=0.29",
-    "python-multipart>=0.0.9",
+    "python-multipart>=0.0.18",
 )
 #: shipped with Slicer: checked, never installed or upgraded.
 SLICER_BUNDLED = ("numpy>=1.26", "SimpleITK>=2.3")

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -76,9 +78,12 @@ def _int_within(low: int, high: int):
 
 def _check_out_dir(path: Path) -> Path:
     """Refuse an --out that cannot hold the outputs before any model is loaded."""
-    if path.exists() and not path.is_dir():
-        raise InputError(f"--out {path} is a file, not a folder.",
-                         "Give a folder for the outputs; it is created when missing.")
+    from .outputs import check_writable_folder
+
+    problem = check_writable_folder(path)
+    if problem is not None:
+        raise InputError(f"--out {path}: {problem}.",
+                         "Give a folder you can write to for the outputs; it is created when missing.")
     return path
 
 
@@ -295,9 +300,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command != "serve" and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)   # `kill` stops a run as cleanly as Ctrl-C
     try:
         return args.func(args)
     except Cancelled:

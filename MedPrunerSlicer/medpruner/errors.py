@@ -54,3 +54,9 @@ class Cancelled(MedPrunerError):
 
     def __init__(self, message: str = "The job was cancelled.", hint: str = "") -> None:
         super().__init__(message, hint)
+
+
+class VolumeTooLarge(VolumeError):
+    """A volume whose header claims more voxels or bytes than the reader may spend on it."""
+
+    code = "volume_too_large"

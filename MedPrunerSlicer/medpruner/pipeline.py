@@ -14,6 +14,7 @@ from typing import Any
 
 from .config import PruningConfig
 from .errors import Cancelled, InputError, SettingsMismatch, UnknownVolume
+from .outputs import staged_outputs
 from .report import build_report, write_json_atomic
 
 ProgressFn = Callable[[str, float], None]
@@ -133,7 +134,6 @@ def preparation_settings(engine, request: AskRequest) -> dict[str, Any]:
 
 def _prepare_stack(engine, volume, request: AskRequest, tracker, stop, cache) -> tuple[str | None, PreparedStack, bool]:
     """Load + slice the volume, then prepare it, or take it from the cache; returns (volume_id, entry, reused)."""
-    from .prepared_cache import volume_key
     from .slicing import prepare_slices
     from .volume_io import load_volume, validate_volume
 
@@ -148,7 +148,7 @@ def _prepare_stack(engine, volume, request: AskRequest, tracker, stop, cache) ->
 
     geometry = {"size": image.GetSize(), "spacing": image.GetSpacing(), "origin": image.GetOrigin(),
                 "direction": image.GetDirection()}
-    key = volume_key(sitk.GetArrayViewFromImage(image), geometry, settings) if cache is not None else None
+    key = cache.key_for(sitk.GetArrayViewFromImage(image), geometry, settings) if cache is not None else None
     entry = cache.get(key) if cache is not None else None
     if entry is not None:
         tracker("load", 1.0)
@@ -184,6 +184,7 @@ def run_ask(
     cancel: CancelFn | None = None,
     prepared_cache=None,
     volume_id: str | None = None,
+    make_parents: bool = True,
 ) -> dict[str, Any]:
     """Answer `request` about `volume` (a path, or an already loaded SimpleITK image); write OUTPUT_FILES
     into `out_dir`; return the report.
@@ -192,7 +193,8 @@ def run_ask(
     same voxels, geometry and settings is answered from its cached pruned prefix; `volume_id` (the
     report's `volume_id` of an earlier answer) asks about a cached volume without sending it again.
     The volume is read and validated before anything is computed, and nothing is written before the
-    answer exists, so a rejected input or a cancelled job leaves no files behind.
+    answer exists; the four files are written beside `out_dir` and moved in together (`outputs.staged_outputs`),
+    so a rejected input, a cancelled job or an interrupted write leaves `out_dir` as it was.
     """
     from .heatmaps import build_heatmaps, write_image_atomic
     from .overview import render_overview
@@ -242,11 +244,12 @@ def run_ask(
     report["volume_id"] = key
     report["prefix_reused"] = reused
     report["prepare_s"] = round(entry.prepare_s, 4)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_image_atomic(kept_image, out / "heatmap_kept.nrrd")
-    write_image_atomic(attention_image, out / "heatmap_attention.nrrd")
-    render_overview(stack.images, result, out / "overview.png", title=request.question)
-    write_json_atomic(report, out / "report.json")
+    with staged_outputs(Path(out_dir), make_parents=make_parents) as staging:
+        write_image_atomic(kept_image, staging / "heatmap_kept.nrrd")
+        write_image_atomic(attention_image, staging / "heatmap_attention.nrrd")
+        render_overview(stack.images, result, staging / "overview.png", title=request.question)
+        write_json_atomic(report, staging / "report.json")
+        if stop():
+            raise Cancelled()
     tracker("write", 1.0)
     return report

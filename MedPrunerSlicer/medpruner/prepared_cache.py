@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -21,9 +22,13 @@ import numpy as np
 import torch
 
 
-def volume_key(voxels: np.ndarray, geometry: dict[str, Any], settings: dict[str, Any]) -> str:
-    """Hex digest of voxels (dtype, shape, bytes), geometry and settings; a stable id for one prepared volume."""
-    digest = hashlib.blake2b(digest_size=16)
+def volume_key(voxels: np.ndarray, geometry: dict[str, Any], settings: dict[str, Any], *, secret: bytes) -> str:
+    """Keyed hex digest of voxels (dtype, shape, bytes), geometry and settings: a stable id for one prepared
+    volume within one server. Keyed with the server's secret, so an id says nothing about the voxels to
+    anyone without it (a plain hash would let a client test guesses of another patient's volume)."""
+    if len(secret) < 16:
+        raise ValueError("volume_key needs a secret of at least 16 bytes.")
+    digest = hashlib.blake2b(digest_size=16, key=secret[:64])
     array = np.ascontiguousarray(voxels)
     digest.update(f"{array.dtype.str}{array.shape}".encode())
     digest.update(memoryview(array).cast("B"))
@@ -88,12 +93,17 @@ def prepared_nbytes(prepared) -> int:
 class PreparedCache:
     """Least-recently-used prepared volumes within `max_bytes`; safe to share between threads."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, secret: bytes | None = None) -> None:
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}.")
         self.max_bytes = int(max_bytes)
+        self.secret = secret if secret is not None else os.urandom(32)   # new ids for every process
         self._entries: OrderedDict[str, tuple[Any, int]] = OrderedDict()
         self._lock = threading.Lock()
+
+    def key_for(self, voxels: np.ndarray, geometry: dict[str, Any], settings: dict[str, Any]) -> str:
+        """The id this cache gives a volume prepared with `settings` (keyed with its own secret)."""
+        return volume_key(voxels, geometry, settings, secret=self.secret)
 
     def get(self, key: str):
         with self._lock:

@@ -12,23 +12,24 @@ Limits (checked from the file header BEFORE the voxels are read, so a huge file 
 * ``MAX_AXIS_VOXELS`` = 2048 voxels along any axis.
 * ``MAX_TOTAL_VOXELS`` = 2**30 voxels in total (1 Gi voxels; 2 GiB as int16).
 
-SimpleITK reports truncated files for most formats, but silently accepts a few (a NIfTI file or a
-raw/gzip NRRD whose data is shorter or longer than its header says: it pads or ignores). So the
-byte count of attached data is also checked against the header for those formats.
+Before any SimpleITK reader sees a file, `medpruner.volume_header` parses its header: it refuses
+headers that name other files (except, for a user's own files, one regular data file beside the
+header), non-regular files, NaN/Inf geometry that readers would silently turn into 1, a decoded size
+over the caller's limit, and data shorter or longer than the header says (which SimpleITK pads or
+ignores for some formats). The reader is then forced to the format the bytes say.
 The pixel type is kept as read; conversion to float happens later, only where needed.
 """
 from __future__ import annotations
 
-import gzip
 import os
 import re
-import struct
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-from medpruner.errors import VolumeError
+from medpruner.errors import VolumeError, VolumeTooLarge
+from medpruner.volume_header import inspect_volume_file
 
 __all__ = [
     "MIN_AXIS_VOXELS",
@@ -46,41 +47,56 @@ _FORMATS_HINT = "Save the volume as NRRD (.nrrd), NIfTI (.nii/.nii.gz), MetaImag
 _COMPLEX_IDS = {sitk.sitkComplexFloat32, sitk.sitkComplexFloat64}
 
 
-def load_volume(path: str | os.PathLike, series_uid: str | None = None) -> sitk.Image:
+_IMAGE_IO = {"nrrd": "NrrdImageIO", "metaimage": "MetaImageIO", "nifti": "NiftiImageIO", "nifti_gz": "NiftiImageIO"}
+
+
+def load_volume(path: str | os.PathLike, series_uid: str | None = None, *, allow_detached: bool = True,
+                max_decoded_bytes: int | None = None, name: str | None = None, reveal_ids: bool = True) -> sitk.Image:
     """Read a volume file or DICOM series directory and validate it (see module docstring).
 
-    For a directory the DICOM series with the most files is read; `series_uid` picks one
-    explicitly. Raises `VolumeError` for anything that is not a usable 3D scalar volume.
+    The header is checked by `medpruner.volume_header` before any reader opens the file: a file is
+    read only if it is a regular file whose voxel data is attached or (with `allow_detached`, for a
+    user's own files) lies in one regular file beside it, and whose decoded size is within
+    `max_decoded_bytes`. For a directory the DICOM series with the most files is read;
+    `series_uid` picks one explicitly. `name` is what messages call the volume (the server never
+    shows its own paths); `reveal_ids=False` keeps DICOM UIDs out of messages. Raises
+    `VolumeError` for anything that is not a usable 3D scalar volume.
     """
     p = Path(path)
+    label = name or p.name
     if not p.exists():
-        raise VolumeError(f"Volume not found: {p}", "Check the path; give a volume file or a DICOM series folder.")
+        raise VolumeError(f"Volume not found: {name or p}", "Check the path; give a volume file or a DICOM series folder.")
     if p.is_dir():
-        return _load_dicom_series(p, series_uid)
+        return _load_dicom_series(p, series_uid, max_decoded_bytes=max_decoded_bytes, name=name,
+                                  reveal_ids=reveal_ids)
     if series_uid is not None:
         raise VolumeError(
-            f"A series UID was given but {p.name} is a file, not a DICOM folder.",
+            f"A series UID was given but {label} is a file, not a DICOM folder.",
             "Give the folder that holds the DICOM series, or leave the series UID out.",
         )
+    facts = inspect_volume_file(p, allow_detached=allow_detached, max_decoded_bytes=max_decoded_bytes, name=label,
+                                check_sizes=_check_sizes)
     reader = sitk.ImageFileReader()
+    reader.SetImageIO(_IMAGE_IO[facts.kind])   # never let another reader guess at the bytes
     reader.SetFileName(str(p))
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:
-        raise VolumeError(f"Cannot read {p.name}: not a readable image file ({_first_line(exc)}).", _FORMATS_HINT) from None
+        raise VolumeError(f"Cannot read {label}: not a readable image file ({_first_line(exc, p, label)}).",
+                          _FORMATS_HINT) from None
     _check_header(
         reader.GetDimension(), reader.GetSize(), reader.GetSpacing(), reader.GetDirection(),
-        reader.GetNumberOfComponents(), reader.GetPixelID(), p.name,
+        reader.GetNumberOfComponents(), reader.GetPixelID(), label,
     )
-    _check_attached_data_length(p, reader)
     try:
         image = reader.Execute()
     except RuntimeError as exc:
+        _raise_if_out_of_memory(exc, label)
         raise VolumeError(
-            f"Cannot read the voxels of {p.name}: the file is truncated or corrupt ({_first_line(exc)}).",
+            f"Cannot read the voxels of {label}: the file is truncated or corrupt ({_first_line(exc, p, label)}).",
             "Export or copy the volume again; the file is incomplete.",
         ) from None
-    validate_volume(image, name=p.name)
+    validate_volume(image, name=label)
     return image
 
 
@@ -114,6 +130,17 @@ def validate_volume(img: sitk.Image, name: str = "the volume") -> sitk.Image:
 
 def _check_header(dim: int, size, spacing, direction, ncomp: int, pixel_id: int, name: str) -> None:
     """Rules that need only the header: dimension, components, sizes, spacing, direction."""
+    check_shape(dim, size, ncomp, pixel_id in _COMPLEX_IDS, name)
+    sp = np.asarray(spacing, dtype=float)
+    if not (np.all(np.isfinite(sp)) and np.all(sp > 0)):
+        raise VolumeError(f"{name} has a non-positive or invalid voxel spacing {tuple(sp.tolist())}.", "Fix the spacing in the file header (every value must be > 0 mm).")
+    d = np.asarray(direction, dtype=float).reshape(3, 3)
+    if not np.all(np.isfinite(d)) or abs(np.linalg.det(d)) < 1e-6:
+        raise VolumeError(f"{name} has a degenerate direction matrix {tuple(d.ravel().tolist())}.", "Fix the orientation (direction cosines) in the file header.")
+
+
+def check_shape(dim: int, size, ncomp: int, complex_voxels: bool, name: str) -> None:
+    """Dimension, components and axis sizes: what a file's header alone can settle (used before reading)."""
     if dim == 2:
         raise VolumeError(f"{name} is a 2D image {tuple(size)}, not a 3D volume.", "Give a 3D volume (CT or MR series).")
     if dim != 3:
@@ -121,8 +148,8 @@ def _check_header(dim: int, size, spacing, direction, ncomp: int, pixel_id: int,
             f"{name} is a {dim}D image {tuple(size)}; only 3D volumes are supported.",
             "Extract a single 3D frame (e.g. one time point) and save it as its own volume.",
         )
-    if ncomp != 1 or pixel_id in _COMPLEX_IDS:
-        kind = "complex" if pixel_id in _COMPLEX_IDS else f"{ncomp}-component (e.g. RGB or vector)"
+    if ncomp != 1 or complex_voxels:
+        kind = "complex" if complex_voxels else f"{ncomp}-component (e.g. RGB or vector)"
         raise VolumeError(
             f"{name} has {kind} voxels; a scalar (grey-level) volume is needed.",
             "Convert it to a single-channel scalar volume (e.g. the CT/MR intensities) first.",
@@ -133,6 +160,21 @@ def _check_header(dim: int, size, spacing, direction, ncomp: int, pixel_id: int,
             f"{name} has size {size}: fewer than {MIN_AXIS_VOXELS} voxels along an axis (a single slice is a 2D image).",
             f"Give a volume with at least {MIN_AXIS_VOXELS} voxels along every axis.",
         )
+    _check_sizes(size, name)
+
+
+def check_declared_shape(facts, name: str) -> None:
+    """`check_shape` on what a header makes certain (medpruner.volume_header.HeaderFacts); the rest waits for the reader."""
+    if facts.reader_dimension is None or facts.reader_components is None:
+        return
+    vector_axis = facts.kind == "nrrd" and facts.reader_dimension < facts.dimension   # NRRD components: axis 0
+    check_shape(facts.reader_dimension, facts.size[1:] if vector_axis else facts.size, facts.reader_components,
+                False, name)
+
+
+def _check_sizes(size, name: str) -> None:
+    """The axis and total voxel limits: what the header alone must satisfy before anything is read."""
+    size = tuple(int(s) for s in size)
     if max(size) > MAX_AXIS_VOXELS:
         raise VolumeError(
             f"{name} has size {size}: more than {MAX_AXIS_VOXELS} voxels along an axis.",
@@ -144,173 +186,94 @@ def _check_header(dim: int, size, spacing, direction, ncomp: int, pixel_id: int,
             f"{name} has {total} voxels, more than the limit of {MAX_TOTAL_VOXELS}.",
             "Crop or downsample the volume before asking.",
         )
-    sp = np.asarray(spacing, dtype=float)
-    if not (np.all(np.isfinite(sp)) and np.all(sp > 0)):
-        raise VolumeError(f"{name} has a non-positive or invalid voxel spacing {tuple(sp.tolist())}.", "Fix the spacing in the file header (every value must be > 0 mm).")
-    d = np.asarray(direction, dtype=float).reshape(3, 3)
-    if not np.all(np.isfinite(d)) or abs(np.linalg.det(d)) < 1e-6:
-        raise VolumeError(f"{name} has a degenerate direction matrix {tuple(d.ravel().tolist())}.", "Fix the orientation (direction cosines) in the file header.")
 
 
-_NRRD_TYPES = {
-    "signed char": 1, "int8": 1, "int8_t": 1, "uchar": 1, "unsigned char": 1, "uint8": 1, "uint8_t": 1,
-    "short": 2, "short int": 2, "signed short": 2, "signed short int": 2, "int16": 2, "int16_t": 2,
-    "ushort": 2, "unsigned short": 2, "unsigned short int": 2, "uint16": 2, "uint16_t": 2,
-    "int": 4, "signed int": 4, "int32": 4, "int32_t": 4, "uint": 4, "unsigned int": 4, "uint32": 4, "uint32_t": 4,
-    "longlong": 8, "long long": 8, "long long int": 8, "signed long long": 8, "signed long long int": 8,
-    "int64": 8, "int64_t": 8, "ulonglong": 8, "unsigned long long": 8, "unsigned long long int": 8,
-    "uint64": 8, "uint64_t": 8, "float": 4, "double": 8,
+_PIXEL_BYTES = {
+    sitk.sitkUInt8: 1, sitk.sitkInt8: 1, sitk.sitkUInt16: 2, sitk.sitkInt16: 2, sitk.sitkUInt32: 4, sitk.sitkInt32: 4,
+    sitk.sitkUInt64: 8, sitk.sitkInt64: 8, sitk.sitkFloat32: 4, sitk.sitkFloat64: 8,
 }
 
 
-def _check_attached_data_length(p: Path, reader: sitk.ImageFileReader) -> None:
-    """Refuse NRRD/NIfTI files whose attached data length disagrees with the header.
-
-    Only cheap checks: the file size for raw data, the gzip trailer (uncompressed size mod 2**32)
-    for gzip data. Other encodings and detached data are left to SimpleITK.
-    """
-    name = p.name.lower()
-    try:
-        if name.endswith(".nrrd"):
-            got = _nrrd_expected_and_actual(p)
-        elif name.endswith(".nii") or name.endswith(".nii.gz"):
-            got = _nifti_expected_and_actual(p, gz=name.endswith(".gz"))
-        else:
-            return
-    except (OSError, ValueError, struct.error, EOFError, gzip.BadGzipFile):
-        got = None
-    if got is None:
-        return
-    expected, actual, gz = got
-    if expected != actual:
-        if gz:   # the gzip trailer only holds the size mod 2**32: say what is wrong, not that number
-            detail = f"its compressed data does not decompress to the {expected} bytes the header's sizes say"
-        else:
-            what = "shorter" if actual < expected else "longer"
-            detail = f"the voxel data is {what} than the header's sizes say ({actual} bytes instead of {expected})"
-        raise VolumeError(
-            f"{p.name} is truncated or its header lies: {detail}.",
-            "Export or copy the volume again; the file is incomplete or its header does not match its data.",
-        )
-
-
-def _nrrd_expected_and_actual(p: Path) -> tuple[int, int, bool] | None:
-    with open(p, "rb") as f:
-        head = f.read(65536)
-    end = head.find(b"\n\n")
-    if not head.startswith(b"NRRD") or end < 0:
-        return None
-    fields: dict[str, str] = {}
-    for line in head[:end].decode("latin-1").splitlines()[1:]:
-        if line.startswith("#") or ":" not in line or ":=" in line:
-            continue
-        key, value = line.split(":", 1)
-        fields[key.strip().lower()] = value.strip()
-    if any(k in fields for k in ("data file", "datafile", "byte skip", "byteskip", "line skip", "lineskip")):
-        return None
-    nbytes = _NRRD_TYPES.get(fields.get("type", "").lower())
-    sizes = fields.get("sizes", "").split()
-    if nbytes is None or not sizes:
-        return None
-    expected = nbytes * int(np.prod([int(s) for s in sizes], dtype=np.int64))
-    data_start = end + 2
-    encoding = fields.get("encoding", "").lower()
-    file_size = p.stat().st_size
-    if encoding == "raw":
-        return expected, file_size - data_start, False
-    if encoding in ("gzip", "gz"):
-        return expected % 2**32, _gzip_isize(p), True
-    return None
-
-
-def _nifti_expected_and_actual(p: Path, gz: bool) -> tuple[int, int, bool] | None:
-    opener = gzip.open if gz else open
-    with opener(p, "rb") as f:
-        hdr = f.read(540)
-    if len(hdr) < 348:
-        return None
-    for endian in "<>":
-        sizeof_hdr = struct.unpack(endian + "i", hdr[:4])[0]
-        if sizeof_hdr == 348:
-            dims = struct.unpack(endian + "8h", hdr[40:56])
-            bitpix = struct.unpack(endian + "h", hdr[72:74])[0]
-            vox_offset = int(struct.unpack(endian + "f", hdr[108:112])[0])
-            break
-        if sizeof_hdr == 540 and len(hdr) >= 540:
-            bitpix = struct.unpack(endian + "h", hdr[14:16])[0]
-            dims = struct.unpack(endian + "8q", hdr[16:80])
-            vox_offset = struct.unpack(endian + "q", hdr[168:176])[0]
-            break
-    else:
-        return None
-    ndim = dims[0]
-    if not 1 <= ndim <= 7 or bitpix <= 0 or bitpix % 8:
-        return None
-    expected = vox_offset + (bitpix // 8) * int(np.prod([max(int(d), 1) for d in dims[1 : ndim + 1]], dtype=np.int64))
-    if gz:
-        return expected % 2**32, _gzip_isize(p), True
-    return expected, p.stat().st_size, False
-
-
-def _gzip_isize(p: Path) -> int:
-    """The gzip trailer's ISIZE field: the uncompressed length modulo 2**32 (garbage if truncated)."""
-    with open(p, "rb") as f:
-        f.seek(-4, os.SEEK_END)
-        return struct.unpack("<I", f.read(4))[0]
-
-
-def _load_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
+def _load_dicom_series(folder: Path, series_uid: str | None, *, max_decoded_bytes: int | None = None,
+                       name: str | None = None, reveal_ids: bool = True) -> sitk.Image:
     """Read one DICOM series from a folder: the largest, or `series_uid`; refuse ambiguity."""
+    label = name or str(folder)
     try:
         uids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
     except RuntimeError as exc:
-        raise VolumeError(f"Cannot scan {folder} for DICOM files ({_first_line(exc)}).", _FORMATS_HINT) from None
+        raise VolumeError(f"Cannot scan {label} for DICOM files ({_first_line(exc, folder, label)}).",
+                          _FORMATS_HINT) from None
     if not uids:
-        raise VolumeError(f"No DICOM series found in the folder {folder}.", _FORMATS_HINT)
+        raise VolumeError(f"No DICOM series found in {label if name else 'the folder ' + label}.", _FORMATS_HINT)
     files = {uid: list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in uids}
-    listing = ", ".join(f"{uid} ({len(files[uid])} files)" for uid in sorted(files, key=lambda u: (-len(files[u]), u)))
+    ordered = sorted(files, key=lambda u: (-len(files[u]), u))
+    if reveal_ids:
+        listing = ", ".join(f"{uid} ({len(files[uid])} files)" for uid in ordered)
+    else:
+        listing = ", ".join(f"{len(files[uid])} files" for uid in ordered)
     if series_uid is not None:
         if series_uid not in files:
             raise VolumeError(
-                f"DICOM series {series_uid} is not in {folder}; found: {listing}.",
-                "Pick one of the series UIDs listed.",
+                f"DICOM series {series_uid} is not in {label}; found: {listing}.",
+                "Pick one of the series UIDs listed (--series UID).",
             )
         chosen = series_uid
     else:
         most = max(len(f) for f in files.values())
         largest = [uid for uid in uids if len(files[uid]) == most]
         if len(largest) > 1:
-            raise VolumeError(
-                f"{folder} holds several DICOM series of the same largest size; found: {listing}.",
-                "Pick one of the series UIDs listed (series_uid / --series-uid).",
-            )
+            hint = ("Pick one of the series UIDs listed with --series UID." if reveal_ids else
+                    "Send a zip that holds one series only.")
+            raise VolumeError(f"{label} holds several DICOM series of the same largest size; found: {listing}.", hint)
         chosen = largest[0]
+    series_label = f"DICOM series {chosen}" if reveal_ids else f"the DICOM series in {label}"
     names = files[chosen]
     head = sitk.ImageFileReader()
+    head.SetImageIO("GDCMImageIO")
     head.SetFileName(names[0])
     try:
         head.ReadImageInformation()
     except RuntimeError as exc:
-        raise VolumeError(f"Cannot read the DICOM file {names[0]} ({_first_line(exc)}).", "Export the series again.") from None
+        raise VolumeError(f"Cannot read a DICOM file of {series_label} ({_first_line(exc, folder, label)}).",
+                          "Export the series again.") from None
     size = tuple(head.GetSize())
     size = (size[0], size[1], (size[2] if len(size) == 3 else 1) * len(names))
     n_comp = head.GetNumberOfComponents()
-    # Direction and spacing of the series are only known after reading; check sizes now.
-    _check_header(3, size, (1.0, 1.0, 1.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), n_comp, head.GetPixelID(), f"DICOM series {chosen}")
+    # Direction and spacing of the series are only known after reading; check sizes and cost now.
+    _check_header(3, size, (1.0, 1.0, 1.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), n_comp, head.GetPixelID(), series_label)
+    decoded = int(np.prod(size, dtype=np.int64)) * n_comp * _PIXEL_BYTES.get(head.GetPixelID(), 8)
+    if max_decoded_bytes is not None and decoded > max_decoded_bytes:
+        raise VolumeTooLarge(f"{series_label} is {' x '.join(map(str, size))} voxels: {decoded / 2**20:.0f} MB once "
+                             f"decoded, over the limit of {max_decoded_bytes / 2**20:.0f} MB.",
+                             "Send fewer slices or a smaller series.")
     reader = sitk.ImageSeriesReader()
+    reader.SetImageIO("GDCMImageIO")
     reader.SetFileNames(names)
     try:
         image = reader.Execute()
     except RuntimeError as exc:
-        raise VolumeError(f"Cannot read DICOM series {chosen} ({_first_line(exc)}).", "Export the series again; a file may be damaged.") from None
-    validate_volume(image, name=f"DICOM series {chosen}")
+        _raise_if_out_of_memory(exc, series_label)
+        raise VolumeError(f"Cannot read {series_label} ({_first_line(exc, folder, label)}).",
+                          "Export the series again; a file may be damaged.") from None
+    validate_volume(image, name=series_label)
     return image
 
 
-def _first_line(exc: BaseException) -> str:
-    """SimpleITK errors are multi-line with C++ file paths; keep the most telling line, short."""
+def _raise_if_out_of_memory(exc: RuntimeError, label: str) -> None:
+    """ITK reports a failed allocation as a RuntimeError: say it is memory, not a damaged file."""
+    if "allocate" in str(exc).lower() or "bad_alloc" in str(exc):
+        raise VolumeTooLarge(f"Reading {label} needs more memory than this process may use.",
+                             "Crop or downsample the volume, or free memory, then try again.") from None
+
+
+def _first_line(exc: BaseException, path: Path | None = None, label: str = "") -> str:
+    """SimpleITK errors are multi-line with C++ file paths; keep the most telling line, short, and call the
+    file by its label (the server's own paths never reach a message)."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     useful = [ln for ln in lines if not re.match(r"^(Exception thrown in SimpleITK|/.*\.(cxx|h|hxx):\d+:?$)", ln)]
     text = (useful or lines or ["unknown error"])[0]
     text = re.sub(r"^(itk::|ITK |sitk::)ERROR:\s*(\w+\(0x[0-9a-fA-F]+\):\s*)?", "", text)
+    if path is not None:
+        for place in (str(path), str(path.parent)):
+            text = text.replace(place, label)
     return text[:200]

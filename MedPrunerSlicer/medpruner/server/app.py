@@ -1,13 +1,16 @@
-"""HTTP routes of `medpruner serve`. Handlers validate and queue; the model only runs on the worker."""
+"""HTTP routes of `medpruner serve`. Handlers validate and queue; the model only runs on the worker.
+
+Every request first passes `guard.RequestGuard` (Host, Origin, token, declared size), so no route,
+not even a 404, answers a request that fails those, and no body byte is read before them.
+"""
 from __future__ import annotations
 
-import hmac
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import ValidationError
@@ -15,10 +18,12 @@ from pydantic import ValidationError
 from .. import __version__
 from ..errors import InputError
 from ..pipeline import preparation_settings, settings_differences
-from .errors import ApiError, error_response, field_errors, install_error_handlers
-from .jobs import DONE, JobManager, QueueFull, request_from_params
+from .drain import DrainUnreadBody
+from .errors import ApiError, echo, field_errors, install_error_handlers
+from .guard import HostPolicy, RequestGuard, closing_headers
+from .jobs import DONE, JobManager, QueueFull, Upload, request_from_params
 from .schemas import JobParams
-from .uploads import private_folder, read_volume, save_upload
+from .uploads import FORM_OVERHEAD_BYTES, check_volume_file, private_folder, receive_form
 
 HEATMAPS = {"kept": "heatmap_kept.nrrd", "attention": "heatmap_attention.nrrd"}
 
@@ -28,37 +33,42 @@ class ServerSettings:
     token: str | None
     max_upload_bytes: int
     upload_root: Path
+    max_volume_bytes: int = 1024 * 2**20
+    policy: HostPolicy = field(default_factory=lambda: HostPolicy("127.0.0.1", 8765))
+
+
+def _parse_params(text: str | None) -> JobParams:
+    if text is None:
+        raise ApiError(422, "invalid_params", "The form has no params field.",
+                       'Send params as a JSON object, e.g. {"question": "Is there a liver lesion?"}.')
+    try:
+        return JobParams.model_validate(json.loads(text))
+    except json.JSONDecodeError as exc:
+        raise ApiError(422, "invalid_params", f"params is not valid JSON: {exc.msg} at character {exc.pos}.",
+                       'Send params as a JSON object, e.g. {"question": "Is there a liver lesion?"}.') from exc
+    except ValidationError as exc:
+        raise ApiError(422, "invalid_params", field_errors(exc.errors()),
+                       "Fix the named field; unknown fields are refused.") from exc
 
 
 def create_app(manager: JobManager, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="MedPruner server", version=__version__,
                   description="Ask a vision-language model about a CT/MR volume, with MedPruner token pruning.")
     install_error_handlers(app)
+    app.add_middleware(RequestGuard, policy=settings.policy, token=settings.token,
+                       max_body_bytes=settings.max_upload_bytes + FORM_OVERHEAD_BYTES,  # the form's framing too
+                       shown_limit_bytes=settings.max_upload_bytes)
+    if settings.policy.origins:
+        from starlette.middleware.cors import CORSMiddleware
 
-    @app.middleware("http")
-    async def refuse_large_bodies(request: Request, call_next):
-        # Refuse at once on the declared size; the streaming copy enforces it when no size is declared.
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_upload_bytes + 2**20:
-            return error_response(413, "upload_too_large", f"The request is larger than the server's limit of "
-                                  f"{settings.max_upload_bytes // 2**20} MB.",
-                                  "Send a smaller volume, or start the server with a larger --max-upload-mb.")
-        return await call_next(request)
-
-    def require_token(request: Request) -> None:
-        if settings.token is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), settings.token.encode()):
-            raise ApiError(401, "unauthorized", "Missing or wrong access token.",
-                           "Send 'Authorization: Bearer <token>' with the token the server was started with.",
-                           headers={"WWW-Authenticate": "Bearer"})
+        app.add_middleware(CORSMiddleware, allow_origins=sorted(settings.policy.origins),
+                           allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(DrainUnreadBody, max_bytes=settings.max_upload_bytes + FORM_OVERHEAD_BYTES)   # outermost
 
     def job_or_404(job_id: str):
         job = manager.get(job_id)
         if job is None:
-            raise ApiError(404, "unknown_job", f"No job {job_id!r} on this server.",
+            raise ApiError(404, "unknown_job", f"No job {echo(job_id)} on this server.",
                            "Finished jobs are deleted after a while; submit the question again.")
         return job
 
@@ -76,62 +86,59 @@ def create_app(manager: JobManager, settings: ServerSettings) -> FastAPI:
             "auth": settings.token is not None,
         }
 
-    @app.post("/v1/jobs", status_code=202, dependencies=[Depends(require_token)])
-    async def submit(params: str = Form(...), volume: UploadFile | None = File(None)) -> JSONResponse:
-        try:
-            job_params = JobParams.model_validate(json.loads(params))
-        except json.JSONDecodeError as exc:
-            raise ApiError(422, "invalid_params", f"params is not valid JSON: {exc.msg} at character {exc.pos}.",
-                           'Send params as a JSON object, e.g. {"question": "Is there a liver lesion?"}.') from exc
-        except ValidationError as exc:
-            raise ApiError(422, "invalid_params", field_errors(exc.errors()),
-                           "Fix the named field; unknown fields are refused.") from exc
-        try:
-            request = request_from_params(job_params)
-            if job_params.window.strip().lower() not in ("auto", "mr", "percentile"):
-                from ..slicing import parse_window
+    body_limit = settings.max_upload_bytes + FORM_OVERHEAD_BYTES
 
-                parse_window(job_params.window)
-        except (InputError, ValueError) as exc:
-            message = getattr(exc, "message", str(exc))
-            raise ApiError(422, "invalid_params", message, getattr(exc, "hint", "")) from exc
-
-        image = None
-        if job_params.volume_id is not None:
-            if volume is not None and volume.filename:
-                raise ApiError(422, "invalid_params", "Send either a volume file or a volume_id, not both.",
-                               "Leave out the file to ask about the prepared volume, or the volume_id to send a "
-                               "new one.")
-            cache = manager.prepared_cache
-            entry = cache.get(job_params.volume_id) if cache is not None else None
-            if entry is None:
-                raise ApiError(404, "unknown_volume", f"No prepared volume {job_params.volume_id!r} on this server.",
-                               "It expired or was evicted: send the volume file again.")
-            requested = preparation_settings(manager.engine, request)
-            if entry.settings != requested:
-                raise ApiError(409, "settings_mismatch",
-                               "The slicing or pruning settings differ from those the volume was prepared with "
-                               f"({settings_differences(entry.settings, requested)}).",
-                               "Send the volume file again with the new settings, or keep the earlier settings.")
-        else:
-            if volume is None or not volume.filename:
-                raise ApiError(400, "no_file", "No volume file was sent.",
-                               "Attach the volume as the multipart field 'volume', or give a volume_id.")
-            folder = private_folder(settings.upload_root)
-            try:
-                path = await save_upload(volume, folder, settings.max_upload_bytes)
-                image = await run_in_threadpool(read_volume, path, folder, settings.max_upload_bytes)
-            finally:
-                shutil.rmtree(folder, ignore_errors=True)   # only the voxels in memory are kept
+    @app.post("/v1/jobs", status_code=202)
+    async def submit(request: Request) -> JSONResponse:
+        """multipart/form-data: `params` (JSON) and, unless params names a volume_id, the `volume` file."""
         try:
-            job = manager.submit(request, image, job_params.volume_id)
+            slot = manager.reserve()   # before the body: a full queue costs the client nothing to learn
         except QueueFull as exc:
             raise ApiError(429, "queue_full", f"The queue is full ({manager.max_queue} jobs waiting).",
-                           "Try again in a little while.", headers={"Retry-After": "10"}) from exc
+                           "Try again in a little while.",
+                           headers={"Retry-After": "10", **closing_headers(request.headers, body_limit)}) from exc
+        folder = private_folder(settings.upload_root)
+        queued = False
+        try:
+            form = await receive_form(request, folder, settings.max_upload_bytes)
+            job_params = _parse_params(form.params)
+            try:
+                ask_request = request_from_params(job_params)
+                if job_params.window.strip().lower() not in ("auto", "mr", "percentile"):
+                    from ..slicing import parse_window
+
+                    parse_window(job_params.window)
+            except (InputError, ValueError) as exc:
+                message = getattr(exc, "message", str(exc))
+                raise ApiError(422, "invalid_params", message, getattr(exc, "hint", "")) from exc
+            upload = None
+            if job_params.volume_id is not None:
+                if form.volume is not None:
+                    raise ApiError(422, "invalid_params", "Send either a volume file or a volume_id, not both.",
+                                   "Leave out the file to ask about the prepared volume, or the volume_id to send "
+                                   "a new one.")
+                _check_prepared(manager, job_params.volume_id, ask_request)
+            else:
+                if form.volume is None:
+                    raise ApiError(400, "no_file", "No volume file was sent.",
+                                   "Attach the volume as the multipart field 'volume', or give a volume_id.")
+                kind, path = await run_in_threadpool(check_volume_file, form.volume, settings.max_volume_bytes)
+                upload = Upload(folder=folder, path=path, kind=kind)
+            job = manager.submit(slot, ask_request, upload, job_params.volume_id)
+            queued = upload is not None
+        except ApiError as exc:   # an unread rest of the body is discarded if bounded, else cut off
+            exc.headers.update(closing_headers(request.headers, body_limit))
+            raise
+        except QueueFull as exc:   # the server began stopping while the body arrived
+            raise ApiError(503, "stopping", "The server is shutting down.", "Try again once it is back.") from exc
+        finally:
+            manager.release(slot)
+            if not queued:
+                shutil.rmtree(folder, ignore_errors=True)
         return JSONResponse({"job_id": job.id, "state": job.state, "position": manager.position(job)},
                             status_code=202)
 
-    @app.get("/v1/jobs/{job_id}", dependencies=[Depends(require_token)])
+    @app.get("/v1/jobs/{job_id}")
     def status(job_id: str) -> dict:
         job = job_or_404(job_id)
         return job.status(manager.position(job))
@@ -141,25 +148,40 @@ def create_app(manager: JobManager, settings: ServerSettings) -> FastAPI:
         if job.state != DONE:
             hint = ("Poll GET /v1/jobs/{id} until its state is 'done'." if job.state in ("queued", "running") else
                     "It will never have one: its status (GET /v1/jobs/{id}) says why; submit the question again.")
-            raise ApiError(409, "not_done", f"Job {job_id} is {job.state}, so it has no result.", hint)
+            raise ApiError(409, "not_done", f"Job {job.id} is {job.state}, so it has no result.", hint)
         return job.out_dir / name
 
-    @app.get("/v1/jobs/{job_id}/result", dependencies=[Depends(require_token)])
+    @app.get("/v1/jobs/{job_id}/result")
     def result(job_id: str) -> JSONResponse:
         path = finished_file(job_id, "report.json")
         return JSONResponse(json.loads(path.read_text()))
 
-    @app.get("/v1/jobs/{job_id}/heatmaps/{kind}", dependencies=[Depends(require_token)])
+    @app.get("/v1/jobs/{job_id}/heatmaps/{kind}")
     def heatmap(job_id: str, kind: str) -> FileResponse:
         if kind not in HEATMAPS:
-            raise ApiError(404, "not_found", f"No heatmap {kind!r}.", "Use 'kept' or 'attention'.")
+            raise ApiError(404, "not_found", f"No heatmap {echo(kind)}.", "Use 'kept' or 'attention'.")
         path = finished_file(job_id, HEATMAPS[kind])
         return FileResponse(path, media_type="application/octet-stream", filename=HEATMAPS[kind])
 
-    @app.delete("/v1/jobs/{job_id}", dependencies=[Depends(require_token)])
+    @app.delete("/v1/jobs/{job_id}")
     def cancel(job_id: str) -> dict:
         job = job_or_404(job_id)
         manager.cancel(job)
         return job.status(manager.position(job))
 
     return app
+
+
+def _check_prepared(manager: JobManager, volume_id: str, ask_request) -> None:
+    """A follow-up names a prepared volume this server holds, with the same preparation settings."""
+    cache = manager.prepared_cache
+    entry = cache.get(volume_id) if cache is not None else None
+    if entry is None:
+        raise ApiError(404, "unknown_volume", f"No prepared volume {echo(volume_id)} on this server.",
+                       "It expired or was evicted: send the volume file again.")
+    requested = preparation_settings(manager.engine, ask_request)
+    if entry.settings != requested:
+        raise ApiError(409, "settings_mismatch",
+                       "The slicing or pruning settings differ from those the volume was prepared with "
+                       f"({settings_differences(entry.settings, requested)}).",
+                       "Send the volume file again with the new settings, or keep the earlier settings.")

@@ -1,6 +1,8 @@
 """One error shape for every failure: {"error": {"code", "message", "hint"}} with the right status."""
 from __future__ import annotations
 
+import re
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -16,8 +18,35 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+_PRIVATE_PATHS: list[str] = []
+_UID = re.compile(r"(?<![\w.])\d+(?:\.\d+){4,}(?!\w|\.\d)")   # DICOM UIDs: five or more dotted numbers
+MAX_ECHO_CHARS = 64
+
+
+def register_private_path(path) -> None:
+    """A server folder whose name must never appear in a message a client receives."""
+    _PRIVATE_PATHS.append(str(path))
+
+
+def scrub(text: str) -> str:
+    """A message fit for a client: no server paths, no DICOM UIDs."""
+    for path in _PRIVATE_PATHS:
+        text = text.replace(path, "<server folder>")
+    return _UID.sub("<uid>", text)
+
+
+def sentence(text: str) -> str:
+    """A volume message that begins with the volume's label ("the uploaded volume ...") as a sentence."""
+    return text[:1].upper() + text[1:]
+
+
+def echo(value: str) -> str:
+    """A client-sent value quoted in a message: repr'd, at most MAX_ECHO_CHARS characters of it."""
+    return repr(value) if len(value) <= MAX_ECHO_CHARS else repr(value[:MAX_ECHO_CHARS]) + "..."
+
+
 def error_response(status: int, code: str, message: str, hint: str = "", headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message, "hint": hint}}, status_code=status,
+    return JSONResponse({"error": {"code": code, "message": scrub(message), "hint": scrub(hint)}}, status_code=status,
                         headers=headers)
 
 

@@ -1,6 +1,12 @@
 """The job queue: one worker thread runs jobs one at a time on the model's device, through the same
 `run_ask` as the CLI; the HTTP side only reads job states. Finished jobs are kept for `keep_seconds`
 and at most `keep_jobs` of them, then deleted with their files.
+
+A queued job holds its upload as the file the client sent, on disk in its private folder, never
+as decoded voxels in memory; the worker reads it (in a limited child process, `bounded_read`)
+only when the job runs, and deletes the upload folder right after, whether the read worked or not.
+A queue slot is reserved before an upload's body is read, so a full queue is a 429 that costs
+nothing.
 """
 from __future__ import annotations
 
@@ -18,6 +24,8 @@ from typing import Any
 from ..config import PruningConfig
 from ..errors import Cancelled, MedPrunerError
 from ..pipeline import AskRequest, run_ask
+from .bounded_read import read_upload
+from .errors import scrub
 
 log = logging.getLogger("medpruner.server")
 
@@ -26,10 +34,19 @@ FINISHED = (DONE, FAILED, CANCELLED)
 
 
 @dataclass
+class Upload:
+    """An uploaded volume waiting for its job: the private folder that holds it, the file, its format."""
+
+    folder: Path
+    path: Path
+    kind: str
+
+
+@dataclass
 class Job:
     id: str
     request: AskRequest
-    image: Any                      # the validated SimpleITK image, or None for a volume_id follow-up
+    upload: Upload | None           # the volume as sent, or None for a volume_id follow-up
     volume_id: str | None
     out_dir: Path
     state: str = QUEUED
@@ -59,17 +76,26 @@ class QueueFull(Exception):
     pass
 
 
+class Slot:
+    """A place in the queue held for an upload while its body is read; used once, or released."""
+
+    def __init__(self) -> None:
+        self.open = True
+
+
 class JobManager:
     """Queue, worker and retention of jobs; every method is safe to call from HTTP handlers."""
 
     def __init__(self, engine, root: Path, max_queue: int, keep_jobs: int, keep_seconds: float,
-                 prepared_cache=None) -> None:
+                 prepared_cache=None, read_limits=None) -> None:
         self.engine = engine
         self.root = root
         self.max_queue = max_queue
         self.keep_jobs = keep_jobs
         self.keep_seconds = keep_seconds
         self.prepared_cache = prepared_cache
+        self.read_limits = read_limits
+        self.reserved = 0
         self.jobs: dict[str, Job] = {}
         self.queue: deque[Job] = deque()
         self.lock = threading.Condition()
@@ -79,21 +105,46 @@ class JobManager:
     def start(self) -> None:
         self.worker.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Cancel every job (queued ones never run, the running one stops at its next stage or token), delete
+        queued uploads, and wait up to `timeout` s for the worker; True when it has ended."""
         with self.lock:
             self.stopping = True
-            for job in self.queue:
+            for job in self.jobs.values():
                 job.cancel_event.set()
+            for job in self.queue:
+                _remove_upload(job)
+                self._finish(job, CANCELLED)
+            self.queue.clear()
             self.lock.notify_all()
-        self.worker.join(timeout=30)
+        if self.worker.is_alive():
+            self.worker.join(timeout=timeout)
+        return not self.worker.is_alive()
 
     # -- HTTP side ------------------------------------------------------------------------------
-    def submit(self, request: AskRequest, image, volume_id: str | None) -> Job:
+    def reserve(self) -> Slot:
+        """Hold a queue place for an upload about to be read; QueueFull when there is none."""
         with self.lock:
-            if len(self.queue) >= self.max_queue:
+            if self.stopping or len(self.queue) + self.reserved >= self.max_queue:
                 raise QueueFull()
+            self.reserved += 1
+            return Slot()
+
+    def release(self, slot: Slot) -> None:
+        with self.lock:
+            if slot.open:
+                slot.open = False
+                self.reserved -= 1
+
+    def submit(self, slot: Slot, request: AskRequest, upload: Upload | None, volume_id: str | None) -> Job:
+        """Queue a job in the place `slot` held."""
+        with self.lock:
+            if not slot.open or self.stopping:
+                raise QueueFull()
+            slot.open = False
+            self.reserved -= 1
             job_id = uuid.uuid4().hex
-            job = Job(id=job_id, request=request, image=image, volume_id=volume_id, out_dir=self.root / job_id)
+            job = Job(id=job_id, request=request, upload=upload, volume_id=volume_id, out_dir=self.root / job_id)
             self.jobs[job_id] = job
             self.queue.append(job)
             self.lock.notify_all()
@@ -116,7 +167,7 @@ class JobManager:
             if job.state == QUEUED:
                 self.queue.remove(job)
                 self._finish(job, CANCELLED)
-                job.image = None
+                _remove_upload(job)
             elif job.state == RUNNING:
                 job.cancel_event.set()   # the worker stops at the next stage or token
         log.info("job %s cancel requested", job.id)
@@ -151,8 +202,17 @@ class JobManager:
         started = time.perf_counter()
         self._relieve_memory_pressure()
         try:
-            run_ask(self.engine, job.image, job.request, job.out_dir, progress=progress,
-                    cancel=job.cancel_event.is_set, prepared_cache=self.prepared_cache, volume_id=job.volume_id)
+            image = None
+            if job.upload is not None:
+                progress("load", 0.0)
+                try:
+                    image = read_upload(job.upload.path, job.upload.kind, self.read_limits, job.cancel_event.is_set)
+                finally:
+                    _remove_upload(job)   # the file the client sent is gone, read or not
+            run_ask(self.engine, image, job.request, job.out_dir, progress=progress,
+                    cancel=job.cancel_event.is_set, prepared_cache=self.prepared_cache, volume_id=job.volume_id,
+                    make_parents=False)
+            del image
             state, error = DONE, None
             job.progress = 1.0
         except Cancelled:
@@ -171,7 +231,9 @@ class JobManager:
             state, error = FAILED, {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"[:500],
                                     "hint": hint}
         finally:
-            job.image = None   # voxels leave memory as soon as the job is over
+            _remove_upload(job)
+        if error is not None:
+            error = {key: scrub(value) if key != "code" else value for key, value in error.items()}
         with self.lock:
             self._finish(job, state, error)
         if state != DONE:
@@ -203,6 +265,12 @@ class JobManager:
             if index < excess or now - job.finished > self.keep_seconds:
                 del self.jobs[job.id]
                 shutil.rmtree(job.out_dir, ignore_errors=True)
+
+
+def _remove_upload(job: Job) -> None:
+    if job.upload is not None:
+        shutil.rmtree(job.upload.folder, ignore_errors=True)
+        job.upload = None
 
 
 def _is_out_of_memory(exc: Exception) -> bool:
