@@ -102,6 +102,16 @@ def _bzip2_zip() -> bytes:
     return _zip([("a.dcm", b"x" * 100)], compression=zipfile.ZIP_BZIP2)
 
 
+def _zip_many_directories() -> bytes:
+    """One file and 6000 directory entries: the entry count is judged from the end record, before any parsing."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for i in range(6000):
+            archive.writestr(zipfile.ZipInfo(f"d{i}/"), b"")
+        archive.writestr("a.dcm", b"x")
+    return buffer.getvalue()
+
+
 def _zip_bomb() -> bytes:
     """A few KB of zip that declares (and holds) 64 MB of zeros."""
     return _zip([(f"{i}.dcm", b"\0" * (16 << 20)) for i in range(4)])
@@ -122,6 +132,8 @@ def hostile_cases(secret: Path, fifo: Path) -> list[tuple[str, bytes, int, str, 
         ("nrrd datafile spelling", _nrrd(f"datafile: {s}\n"), 422, "bad_volume", DETACHED),
         ("nrrd DATA FILE capitals", _nrrd(f"DATA  FILE: {s}\n"), 422, "bad_volume", DETACHED),
         ("nrrd data file after a CR", _nrrd(f"content: x\rdata file: {s}\n", raw), 422, "bad_volume", DETACHED),
+        ("nrrd data file behind a NUL", _nrrd(f"data file: {s}\0:=\n", raw), 422, "bad_volume", "control characters"),
+        ("nrrd byte skip behind a NUL", _nrrd(f"byte skip: 8\0:=\n", raw), 422, "bad_volume", "control characters"),
         ("nrrd data file /dev/ptmx", _nrrd("data file: /dev/ptmx\n"), 422, "bad_volume", DETACHED),
         ("nrrd data file /dev/zero", _nrrd("data file: /dev/zero\n", sizes="512 512 16"), 422, "bad_volume",
          DETACHED),
@@ -147,6 +159,7 @@ def hostile_cases(secret: Path, fifo: Path) -> list[tuple[str, bytes, int, str, 
         ("nrrd byte skip", _nrrd("byte skip: -1\n", raw), 422, "bad_volume", "skip"),
         ("nrrd endless header", b"NRRD0004\n" + b"# padding\n" * 8000, 422, "bad_volume", "header longer"),
         ("nrrd field twice", _nrrd("sizes: 1024 1024 1024\n", raw), 422, "bad_volume", "twice"),
+        ("nrrd long field twice", _nrrd(("X" * 300 + ": 1\n") * 2, raw), 422, "bad_volume", "twice"),
         ("nrrd unknown encoding", _nrrd("", raw, encoding="zrl"), 422, "bad_volume", "encoding"),
         ("nrrd zero size", _nrrd("", b"", sizes="0 4 4"), 422, "bad_volume", "invalid"),
         ("nrrd 2D", b"NRRD0004\ntype: short\ndimension: 2\nsizes: 8 8\nencoding: raw\nendian: little\n\n" + raw,
@@ -158,6 +171,11 @@ def hostile_cases(secret: Path, fifo: Path) -> list[tuple[str, bytes, int, str, 
          DETACHED),
         ("mha data file /dev/ptmx", _meta("ElementDataFile = /dev/ptmx\n"), 422, "bad_volume", DETACHED),
         ("mha data file pattern", _meta(f"ElementDataFile = {s}%03d.raw 1 4 1\n"), 422, "bad_volume", DETACHED),
+        ("mha data file behind a NUL", _meta(f"ElementDataFile:{s}\0=x\nElementDataFile = LOCAL\n", raw), 422,
+         "bad_volume", "control characters"),
+        ("mha data file LoCaL", _meta("ElementDataFile = LoCaL\n", raw), 422, "bad_volume", DETACHED),
+        ("mha colon separator", _meta(f"ElementDataFile: {s}\nElementDataFile = LOCAL\n", raw), 422, "bad_volume",
+         "no '='"),
         ("mha data file lowercase key", _meta(f"elementdatafile = {s}\n"), 422, "bad_volume", DETACHED),
         ("mha data file a FIFO", _meta(f"ElementDataFile = {f}\n"), 422, "bad_volume", DETACHED),
         ("mha NaN spacing", _meta("ElementSpacing = nan 1 1\nElementDataFile = LOCAL\n", raw), 422, "bad_volume",
@@ -196,8 +214,9 @@ def hostile_cases(secret: Path, fifo: Path) -> list[tuple[str, bytes, int, str, 
         ("zip encrypted", _encrypted_zip(), 422, "bad_volume", "encrypted"),
         ("zip bzip2", _bzip2_zip(), 422, "bad_volume", "compression"),
         ("zip bomb", _zip_bomb(), 422, "bad_volume", "expands beyond"),
+        ("zip many directory entries", _zip_many_directories(), 422, "bad_volume", "6001 entries"),
         ("zip too many files", _zip([(f"{i}.dcm", b"") for i in range(5001)], zipfile.ZIP_STORED), 422, "bad_volume",
-         "5001 files"),
+         "5001 entries"),
         # -- not volumes ----------------------------------------------------------------------------
         ("a PNG", b"\x89PNG\r\n\x1a\n" + b"\0" * 64, 415, "unsupported_file", "PNG"),
         ("a lone DICOM file", b"\0" * 128 + b"DICM" + b"\0" * 300, 415, "unsupported_file", "DICOM"),

@@ -24,14 +24,15 @@ def _oblique(image: sitk.Image) -> sitk.Image:
     return image
 
 
-@pytest.mark.parametrize("name,compress", [("v.nrrd", True), ("v.nii.gz", True), ("v.mha", False)])
+@pytest.mark.parametrize("name,compress", [("v.nrrd", True), ("v.nrrd", False), ("v.nii.gz", True), ("v.mha", False),
+                                           ("v.mha", True)])
 def test_voxels_and_geometry_come_back_exactly(tmp_path, name, compress):
     image = _oblique(make_phantom_ct(shape=(9, 40, 36), spacing=(0.7, 0.8, 2.5)))
     path = tmp_path / name
     sitk.WriteImage(image, str(path), compress)
     kind = {"v.nrrd": "nrrd", "v.nii.gz": "nifti_gz", "v.mha": "metaimage"}[name]
-    read = read_upload(path, kind, ReadLimits(max_decoded_bytes=2**26))
     reference = sitk.ReadImage(str(path))
+    read = read_upload(path, kind, ReadLimits(max_decoded_bytes=2**26))   # reads a rebuilt header, then deletes
     assert np.array_equal(sitk.GetArrayViewFromImage(read), sitk.GetArrayViewFromImage(reference))
     assert read.GetPixelID() == reference.GetPixelID()
     assert (read.GetSize(), read.GetSpacing(), read.GetOrigin(), read.GetDirection()) == \
@@ -94,3 +95,29 @@ def test_the_reader_refuses_what_the_header_check_refuses(tmp_path, ):
     sitk.WriteImage(make_phantom_ct(shape=(8, 32, 32)), str(tmp_path / "ok.nrrd"), True)
     with pytest.raises(VolumeTooLarge):
         read_upload(tmp_path / "ok.nrrd", "nrrd", limits)
+
+
+def test_the_reader_sees_only_the_rebuilt_header(tmp_path):
+    """Fields the checks do not use (comments, key/value pairs, other fields) never reach the image reader: it
+    reads a header rebuilt from the parsed values, with the uploaded data after it."""
+    from medpruner.volume_header import inspect_volume_file, write_self_contained
+
+    data = np.arange(60, dtype=np.int16).tobytes()
+    secret = tmp_path / "secret.raw"
+    secret.write_bytes(b"\x7f" * 120)
+    header = ("NRRD0005\n# data file: {s}\ntype: signed short\ndimension: 3\nsizes: 5 4 3\nencoding: raw\n"
+              "endian: little\ncontent: data file {s}\ndata file:= {s}\nspace: left-posterior-superior\n"
+              "space directions: (0.5,0,0) (0,0.75,0) (0,0,2.5)\nspace origin: (1,-2,3.25)\n"
+              "measurement frame: (1,0,0) (0,1,0) (0,0,1)\n\n").format(s=secret)
+    path = tmp_path / "v.nrrd"
+    path.write_bytes(header.encode() + data)
+    facts = inspect_volume_file(path, allow_detached=False)
+    clean = facts.clean_header.decode()
+    assert str(secret) not in clean and "content" not in clean and "#" not in clean and "measurement" not in clean
+    assert "space directions: (0.5,0.0,0.0) (0.0,0.75,0.0) (0.0,0.0,2.5)" in clean
+    checked = write_self_contained(path, facts, tmp_path / "checked.nrrd")
+    image = read_upload(path, "nrrd", ReadLimits(max_decoded_bytes=2**20))
+    reference = sitk.ReadImage(str(checked))
+    assert np.array_equal(sitk.GetArrayViewFromImage(image), np.arange(60, dtype=np.int16).reshape(3, 4, 5))
+    assert image.GetSpacing() == (0.5, 0.75, 2.5) and image.GetOrigin() == (1.0, -2.0, 3.25)
+    assert image.GetSpacing() == reference.GetSpacing()

@@ -84,7 +84,7 @@ def test_hostile_file_is_refused_with_nothing_read(hostile_server, outside, inde
     assert time.monotonic() - started < 20, "a hostile file must be judged from its header, fast"
     # The error names no server path and echoes nothing long.
     assert str(hostile_server.tmpdir) not in json.dumps(error) and "medpruner-serve-" not in json.dumps(error)
-    assert len(error["message"]) < 400
+    assert len(error["message"]) < 300 and "X" * 65 not in error["message"]
     # Nothing outside the upload folder was opened; the upload itself is gone.
     if atime_works:
         assert os.stat(secret).st_atime == 1_000_000, "the server read the secret file"
@@ -395,3 +395,43 @@ def test_a_client_that_sends_its_whole_body_first_still_reads_the_refusal(tiny_q
             client.cancel(job_id)
         (workspace,) = server.workspaces()
         assert server.client.get("/v1/health").status_code == 200
+
+
+def test_length_and_chunked_together_are_refused(hostile_server):
+    head = (f"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1:{hostile_server.port}\r\nContent-Length: 10\r\n"
+            "Transfer-Encoding: chunked\r\nContent-Type: multipart/form-data; boundary=XyZ\r\n\r\n")
+    started = time.monotonic()
+    status, sent, text = _raw_request(hostile_server.port, head, _chunked(64 * 2**20))
+    assert status == 400 and "Transfer-Encoding" in text, text
+    assert sent < 16 * 2**20 and time.monotonic() - started < 15
+
+
+def test_a_refused_body_trickled_slowly_is_not_waited_for_forever(hostile_server, monkeypatch):
+    """A declared 1 MB sent a byte at a time after a 401: the server stops draining after its deadline
+    (30 s + 1 s per MB) and closes, instead of holding the connection for days."""
+    head = (f"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1:{hostile_server.port}\r\nContent-Length: {2**20}\r\n"
+            "Content-Type: multipart/form-data; boundary=XyZ\r\n\r\n")
+    sock = socket.create_connection(("127.0.0.1", hostile_server.port), timeout=5)
+    sock.sendall(head.encode())
+    started = time.monotonic()
+    response = b""
+    closed = False
+    while time.monotonic() - started < 60:
+        try:
+            sock.sendall(b"x")
+        except OSError:
+            closed = True
+            break
+        try:
+            sock.settimeout(1.0)
+            data = sock.recv(65536)
+            if not data:
+                closed = True
+                break
+            response += data
+        except socket.timeout:
+            pass
+    sock.close()
+    assert response.startswith(b"HTTP/1.1 401"), response
+    assert closed, "the connection must be closed once the drain deadline has passed"
+    assert time.monotonic() - started < 45

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from .errors import VolumeError, VolumeTooLarge
 
-__all__ = ["HeaderFacts", "MAX_HEADER_BYTES", "inspect_volume_file", "sniff_kind"]
+__all__ = ["HeaderFacts", "MAX_HEADER_BYTES", "inspect_volume_file", "sniff_kind", "write_self_contained"]
 
 MAX_HEADER_BYTES = 65536
 _FORMATS_HINT = "Save the volume as NRRD (.nrrd), NIfTI (.nii/.nii.gz), MetaImage (.mha/.mhd) or give a DICOM series folder."
@@ -57,6 +57,9 @@ _META_TYPE_BYTES = {
 _META_EXACT = {"met_char", "met_uchar", "met_short", "met_ushort", "met_int", "met_uint", "met_long_long",
                "met_ulong_long", "met_float", "met_double"}
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")   # what teem and MetaIO accept as line ends
+# C readers stop a header line at a NUL: text after it would be seen by us but not by them (or the reverse).
+_CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_WORD = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,10 @@ class HeaderFacts:
     # What an image reader will report, where the header makes it certain (None: only the reader can tell).
     reader_dimension: int | None = None
     reader_components: int | None = None
+    # NRRD/MetaImage with attached data: a header rebuilt from the fields this module understood, and where
+    # the data starts; `write_self_contained` pairs them, so a reader sees only what was checked here.
+    clean_header: bytes | None = None
+    data_offset: int | None = None
 
     @property
     def decoded_bytes(self) -> int:
@@ -174,8 +181,8 @@ def _numbers(text: str, label: str, field: str) -> list[float]:
 
 def _require_finite(values: list[float], label: str, field: str) -> None:
     if not all(math.isfinite(v) for v in values):
-        raise VolumeError(f"{label} has a non-finite value in its header field {field!r} "
-                          f"({' '.join(repr(v) for v in values)[:120]}): the geometry is unknown.",
+        raise VolumeError(f"{label} has a non-finite value in its header field {field[:32]!r} "
+                          f"({' '.join(repr(v) for v in values)[:60]}): the geometry is unknown.",
                           "Fix the spacing, origin and orientation in the file's header (every value a finite number).")
 
 
@@ -226,6 +233,56 @@ def _detached_file(p: Path, reference: str, label: str, allow_detached: bool, fi
     return data
 
 
+def _refuse_control_bytes(block: bytes, label: str) -> None:
+    if _CONTROL_BYTES.search(block):
+        raise VolumeError(f"{label} has control characters (e.g. NUL) in its header, which image readers and this "
+                          "check would read differently.", "Re-export the volume with a standard header.")
+
+
+def _render_numbers(text: str, label: str, field: str) -> str:
+    """A header value of numbers, vectors '(a,b,c)' and 'none', written again from its parsed numbers."""
+    parts = []
+    for vector, word in re.findall(r"\(([^)]*)\)|([^\s()]+)", text):
+        if word:
+            parts.append("none" if word.lower() == "none" else repr(_number(word, label, field)))
+        else:
+            parts.append("(" + ",".join(repr(_number(v, label, field)) for v in vector.split(",")) + ")")
+    return " ".join(parts)
+
+
+def _number(token: str, label: str, field: str) -> float:
+    try:
+        return float(token.strip())
+    except ValueError:
+        raise VolumeError(f"{label} has an unreadable {field} value {token.strip()[:32]!r} in its header.",
+                          "Fix or re-export the file's header.") from None
+
+
+def _words(text: str, label: str, field: str) -> str:
+    words = text.split()
+    if not all(_WORD.match(w) for w in words):
+        raise VolumeError(f"{label} has an unreadable {field} value in its header.", "Fix or re-export the file's header.")
+    return " ".join(words)
+
+
+def write_self_contained(source: str | os.PathLike, facts: HeaderFacts, target: str | os.PathLike) -> Path:
+    """`target` = the rebuilt header of `facts` + the attached data of `source` (for uploads, before any reader).
+
+    Whatever a crafted header says beyond the fields checked here (a second data file hidden from this parser,
+    a skip, a size) is not in the rebuilt header, so the image reader cannot act on it.
+    """
+    if facts.clean_header is None or facts.data_offset is None:
+        raise ValueError("write_self_contained needs the facts of a NRRD or MetaImage file with attached data.")
+    import shutil
+
+    target = Path(target)
+    with open(source, "rb") as data, open(target, "wb") as out:
+        out.write(facts.clean_header)
+        data.seek(facts.data_offset)
+        shutil.copyfileobj(data, out, 1 << 20)
+    return target
+
+
 def _split_lines(block: bytes) -> list[str]:
     return [line.decode("latin-1") for line in _LINE_BREAK.split(block)]
 
@@ -240,6 +297,7 @@ def _inspect_nrrd(p: Path, head: bytes, label: str, allow_detached: bool, admit)
         block, data_start = head, None
     else:
         block, data_start = head[:end[0]], end[1]
+    _refuse_control_bytes(block, label)
     fields: dict[str, str] = {}
     for line in _split_lines(block)[1:]:
         if not line.strip() or line.startswith("#") or ":=" in line or ":" not in line:
@@ -247,7 +305,7 @@ def _inspect_nrrd(p: Path, head: bytes, label: str, allow_detached: bool, admit)
         key, value = line.split(":", 1)
         key = re.sub(r"\s+", "", key.lower())   # 'data file', 'datafile', 'Data  File' are one field
         if key in fields:
-            raise VolumeError(f"{label} states the NRRD field {key!r} twice.", "Fix or re-export the file's header.")
+            raise VolumeError(f"{label} states the NRRD field {key[:32]!r} twice.", "Fix or re-export the file's header.")
         fields[key] = value.strip()
     data_file = None
     if "datafile" in fields:
@@ -275,7 +333,8 @@ def _inspect_nrrd(p: Path, head: bytes, label: str, allow_detached: bool, admit)
         shape = (dimension - 1, sizes[0])
     else:
         shape = (None, None)
-    facts = HeaderFacts("nrrd", dimension, sizes, 1, nbytes, data_file, *shape)
+    clean = None if data_file else _clean_nrrd(fields, label)
+    facts = HeaderFacts("nrrd", dimension, sizes, 1, nbytes, data_file, *shape, clean, data_start)
     admit(facts)
     skips = [fields.get(k, "0").strip() for k in ("byteskip", "lineskip")]
     if any(s != "0" for s in skips):
@@ -301,6 +360,29 @@ def _inspect_nrrd(p: Path, head: bytes, label: str, allow_detached: bool, admit)
     elif encoding not in ("bzip2", "bz2"):
         raise VolumeError(f"Cannot read {label}: unknown NRRD encoding {encoding[:32]!r}.", _FORMATS_HINT)
     return facts
+
+
+_NRRD_NUMBERS = ("spacings", "spacedirections", "spaceorigin", "axismins", "axismaxs", "thicknesses")
+_NRRD_WORDS = ("space", "kinds", "centerings", "endian", "encoding")
+_NRRD_NAMES = {"spacedirections": "space directions", "spaceorigin": "space origin", "axismins": "axis mins",
+               "axismaxs": "axis maxs", "spacedimension": "space dimension"}
+
+
+def _clean_nrrd(fields: dict[str, str], label: str) -> bytes:
+    """A NRRD header with only the fields understood here, each written again from its parsed value."""
+    kind = re.sub(r"\s+", " ", fields["type"].lower())   # one of NRRD_TYPE_BYTES's names (checked before)
+    lines = ["NRRD0004", f"type: {kind}", f"dimension: {int(fields['dimension'])}",
+             "sizes: " + " ".join(str(int(v)) for v in fields["sizes"].split())]
+    for key in ("spacedimension",):
+        if key in fields:
+            lines.append(f"{_NRRD_NAMES[key]}: {int(_number(fields[key], label, key))}")
+    for key in _NRRD_WORDS:
+        if key in fields:
+            lines.append(f"{key}: {_words(fields[key], label, key)}")
+    for key in _NRRD_NUMBERS:
+        if key in fields:
+            lines.append(f"{_NRRD_NAMES.get(key, key)}: {_render_numbers(fields[key], label, key)}")
+    return ("\n".join(lines) + "\n\n").encode("ascii")
 
 
 def _nrrd_header_end(head: bytes) -> tuple[int, int] | None:
@@ -346,7 +428,7 @@ def _inspect_metaimage(p: Path, head: bytes, label: str, allow_detached: bool, a
         key, value = (part.strip() for part in line.split("=", 1))
         key = key.lower()
         if key in fields:
-            raise VolumeError(f"{label} states the MetaImage field {key!r} twice.", "Fix or re-export the file's header.")
+            raise VolumeError(f"{label} states the MetaImage field {key[:32]!r} twice.", "Fix or re-export the file's header.")
         fields[key] = value
         if key == "elementdatafile":
             data_start = position
@@ -354,8 +436,9 @@ def _inspect_metaimage(p: Path, head: bytes, label: str, allow_detached: bool, a
     if data_start is None:
         raise VolumeError(f"Cannot read {label}: its MetaImage header has no ElementDataFile line within "
                           f"{MAX_HEADER_BYTES} bytes.", _FORMATS_HINT)
+    _refuse_control_bytes(head[:data_start], label)
     reference = fields["elementdatafile"]
-    data_file = None if reference.upper() == "LOCAL" else \
+    data_file = None if reference == "LOCAL" else \
         _detached_file(p, reference, label, allow_detached, "ElementDataFile")
     try:
         dimension = int(fields.get("ndims", ""))
@@ -374,7 +457,9 @@ def _inspect_metaimage(p: Path, head: bytes, label: str, allow_detached: bool, a
                     "rotation", "orientation"):
             if key in fields:
                 _require_finite(_numbers(fields[key], label, key), label, key)
-    facts = HeaderFacts("metaimage", dimension, sizes, components, nbytes, data_file, dimension, components)
+    clean = None if data_file else _clean_metaimage(fields, label)
+    facts = HeaderFacts("metaimage", dimension, sizes, components, nbytes, data_file, dimension, components, clean,
+                        data_start)
     admit(facts)
     header_size = fields.get("headersize", "0").strip()
     if header_size != "0":
@@ -397,6 +482,43 @@ def _inspect_metaimage(p: Path, head: bytes, label: str, allow_detached: bool, a
     elif element.removesuffix("_array") in _META_EXACT:
         _check_length(label, facts.decoded_bytes, available)
     return facts
+
+
+_META_SYNONYMS = {"offset": ("offset", "position", "origin"), "transformmatrix": ("transformmatrix", "rotation",
+                                                                                  "orientation"),
+                  "binarydatabyteordermsb": ("binarydatabyteordermsb", "elementbyteordermsb")}
+_META_CASE = {"elementspacing": "ElementSpacing", "elementsize": "ElementSize", "offset": "Offset",
+              "transformmatrix": "TransformMatrix", "binarydatabyteordermsb": "BinaryDataByteOrderMSB",
+              "binarydata": "BinaryData", "compresseddata": "CompressedData"}
+
+
+def _clean_metaimage(fields: dict[str, str], label: str) -> bytes:
+    """A MetaImage header with only the fields understood here, each written again from its parsed value."""
+    element = fields["elementtype"].upper()
+    lines = ["ObjectType = Image", f"NDims = {int(fields['ndims'])}",
+             "DimSize = " + " ".join(str(int(v)) for v in fields["dimsize"].split()),
+             f"ElementType = {element if _WORD.match(element) else 'invalid'}",
+             f"ElementNumberOfChannels = {int(fields.get('elementnumberofchannels', '1'))}"]
+    for name, spellings in _META_SYNONYMS.items():
+        present = [k for k in spellings if k in fields]
+        if len(present) > 1:
+            raise VolumeError(f"{label} states its {name} twice ({', '.join(present)}).",
+                              "Fix or re-export the file's header.")
+        if present:
+            value = fields[present[0]]
+            rendered = _render_numbers(value, label, name) if name != "binarydatabyteordermsb" else \
+                ("True" if value.lower() == "true" else "False")
+            lines.append(f"{_META_CASE[name]} = {rendered}")
+    for key in ("elementspacing", "elementsize"):
+        if key in fields:
+            lines.append(f"{_META_CASE[key]} = {_render_numbers(fields[key], label, key)}")
+    for key in ("binarydata", "compresseddata"):
+        if key in fields:
+            lines.append(f"{_META_CASE[key]} = {'True' if fields[key].lower() == 'true' else 'False'}")
+    if fields.get("compresseddatasize", "").isdigit():
+        lines.append(f"CompressedDataSize = {int(fields['compresseddatasize'])}")
+    lines.append("ElementDataFile = LOCAL")
+    return ("\n".join(lines) + "\n").encode("ascii")
 
 
 # -- NIfTI -----------------------------------------------------------------------------------------

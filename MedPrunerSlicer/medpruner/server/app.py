@@ -20,7 +20,7 @@ from ..errors import InputError
 from ..pipeline import preparation_settings, settings_differences
 from .drain import DrainUnreadBody
 from .errors import ApiError, echo, field_errors, install_error_handlers
-from .guard import HostPolicy, RequestGuard, closing_headers
+from .guard import HostPolicy, RequestGuard
 from .jobs import DONE, JobManager, QueueFull, Upload, request_from_params
 from .schemas import JobParams
 from .uploads import FORM_OVERHEAD_BYTES, check_volume_file, private_folder, receive_form
@@ -86,8 +86,6 @@ def create_app(manager: JobManager, settings: ServerSettings) -> FastAPI:
             "auth": settings.token is not None,
         }
 
-    body_limit = settings.max_upload_bytes + FORM_OVERHEAD_BYTES
-
     @app.post("/v1/jobs", status_code=202)
     async def submit(request: Request) -> JSONResponse:
         """multipart/form-data: `params` (JSON) and, unless params names a volume_id, the `volume` file."""
@@ -96,7 +94,7 @@ def create_app(manager: JobManager, settings: ServerSettings) -> FastAPI:
         except QueueFull as exc:
             raise ApiError(429, "queue_full", f"The queue is full ({manager.max_queue} jobs waiting).",
                            "Try again in a little while.",
-                           headers={"Retry-After": "10", **closing_headers(request.headers, body_limit)}) from exc
+                           headers={"Retry-After": "10", "Connection": "close"}) from exc
         folder = private_folder(settings.upload_root)
         queued = False
         try:
@@ -126,8 +124,8 @@ def create_app(manager: JobManager, settings: ServerSettings) -> FastAPI:
                 upload = Upload(folder=folder, path=path, kind=kind)
             job = manager.submit(slot, ask_request, upload, job_params.volume_id)
             queued = upload is not None
-        except ApiError as exc:   # an unread rest of the body is discarded if bounded, else cut off
-            exc.headers.update(closing_headers(request.headers, body_limit))
+        except ApiError as exc:   # an unread rest of the body is discarded if of declared length, else cut off
+            exc.headers["Connection"] = "close"
             raise
         except QueueFull as exc:   # the server began stopping while the body arrived
             raise ApiError(503, "stopping", "The server is shutting down.", "Try again once it is back.") from exc

@@ -54,7 +54,7 @@ def field_errors(errors) -> str:
     """'params.pruning.tau: Input should be less than or equal to 1' for each pydantic error."""
     parts = []
     for error in errors:
-        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
+        where = ".".join(str(p)[:MAX_ECHO_CHARS] for p in error.get("loc", ()) if p != "body")
         parts.append(f"{where}: {error.get('msg', 'invalid')}" if where else error.get("msg", "invalid"))
     return "; ".join(parts)
 

@@ -6,11 +6,11 @@ radiologist opens could otherwise submit jobs), the access token must be right (
 /v1/health, the docs included, and before a 404), and a declared Content-Length must be within the
 upload limit.
 
-What happens to the unread body of a refused request: when it has a declared length within the
-limit, it is read and discarded (`drain.DrainUnreadBody`; nothing is stored), so a client that sends
-its whole body before reading the reply (urllib, the Slicer module) still sees the 401 or 429 instead
-of a reset connection. A body of unknown length (chunked) or over the limit gets `Connection: close`:
-it is cut off.
+Every refusal closes the connection. Before it does, a body of declared length within the limit is
+read and discarded (`drain.DrainUnreadBody`; nothing is stored, within a deadline), so a client that
+sends its whole body before reading the reply (urllib, the Slicer module) still sees the 401 or 429
+instead of a reset connection; a body of unknown length (chunked) is cut off at once. A request that
+declares both a length and chunked framing is refused (400): the two disagree about where it ends.
 """
 from __future__ import annotations
 
@@ -114,16 +114,19 @@ class RequestGuard:
 
     def _refusal(self, scope):
         headers = Headers(scope=scope)
-        close = closing_headers(headers, self.max_body_bytes)
+        close = {"Connection": "close"}
+        if "content-length" in headers and "transfer-encoding" in headers:
+            return error_response(400, "bad_request", "The request declares both a Content-Length and a "
+                                  "Transfer-Encoding.", "Send one of them.", close)
         if not self.policy.host_ok(headers.get("host")):
             return error_response(403, "forbidden_host", "This server does not answer to the host name the request "
                                   "was sent to.", "Use the address the server listens on (e.g. 127.0.0.1), or start "
-                                  "it with --allowed-host NAME.", {"Connection": "close"})
+                                  "it with --allowed-host NAME.", close)
         origin = headers.get("origin")
         if origin is not None and not self.policy.origin_ok(origin):
             return error_response(403, "forbidden_origin", "Requests from other web sites are refused.",
                                   "Call the API from a script or the Slicer module, or start the server with "
-                                  "--allow-origin ORIGIN for a web page you trust.", {"Connection": "close"})
+                                  "--allow-origin ORIGIN for a web page you trust.", close)
         if self.token is not None and scope["path"] not in OPEN_PATHS:
             scheme, _, given = headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
@@ -134,14 +137,5 @@ class RequestGuard:
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
             return error_response(413, "upload_too_large", f"The request is larger than the server's limit of "
                                   f"{self.shown_limit_bytes // 2**20} MB.", "Send a smaller volume, or start the server "
-                                  "with a larger --max-upload-mb.", {"Connection": "close"})
+                                  "with a larger --max-upload-mb.", close)
         return None
-
-
-def closing_headers(headers, max_body_bytes: int) -> dict[str, str]:
-    """{"Connection": "close"} for a refusal whose unread body may be unbounded; {} when it has a declared
-    length within the limit (the server then discards it, so a client that sends first still reads the reply)."""
-    length = headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) <= max_body_bytes:
-        return {}
-    return {"Connection": "close"}

@@ -1,5 +1,8 @@
 """The reader process: reads ONE uploaded volume under hard limits and hands the voxels to the server.
 
+NRRD and MetaImage files are read through a header rebuilt by `volume_header.write_self_contained`
+from the fields MedPruner's own parser checked, never through the header the client wrote.
+
 Run by `bounded_read.read_upload` as `python -m medpruner.server.read_child SOURCE KIND MAX_BYTES
 MEMORY_BYTES PARENT_PID`. Before touching the file it caps its own address space and file sizes,
 asks the kernel to kill it when the server dies, and runs the image libraries single-threaded.
@@ -81,7 +84,8 @@ def extract_dicom_zip(source: Path, target: Path, max_total_bytes: int) -> Path:
 
 
 def _read(source: Path, kind: str, max_bytes: int):
-    from ..volume_io import load_volume
+    from ..volume_header import inspect_volume_file, write_self_contained
+    from ..volume_io import _check_sizes, load_volume
 
     if kind == "zip":
         folder = extract_dicom_zip(source, source.parent / "dicom", max_total_bytes=4 * max(max_bytes, CHUNK))
@@ -90,6 +94,12 @@ def _read(source: Path, kind: str, max_bytes: int):
                                reveal_ids=False)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+    if kind in ("nrrd", "metaimage"):   # the reader sees only a header rebuilt from the fields checked here
+        facts = inspect_volume_file(source, allow_detached=False, max_decoded_bytes=max_bytes, name=UPLOAD_NAME,
+                                    check_sizes=_check_sizes)
+        checked = write_self_contained(source, facts, source.with_name("checked" + source.suffix))
+        source.unlink()
+        source = checked
     return load_volume(source, allow_detached=False, max_decoded_bytes=max_bytes, name=UPLOAD_NAME, reveal_ids=False)
 
 

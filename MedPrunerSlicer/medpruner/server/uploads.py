@@ -28,6 +28,8 @@ from ..volume_io import _check_sizes, check_declared_shape
 from .errors import ApiError, echo, sentence
 
 MAX_PARAMS_BYTES = 64 * 1024
+MAX_PART_HEADER_BYTES = 8 * 1024
+MAX_PART_HEADERS = 16
 FORM_OVERHEAD_BYTES = 1 << 20          # the body may pass the volume limit by this much (params, framing)
 IDLE_TIMEOUT_S = 60.0                  # a client that sends nothing for this long is dropped
 MAX_ZIP_FILES = 5000
@@ -77,9 +79,17 @@ class _FormSink:
 
     def _field(self, data: bytes, start: int, end: int) -> None:
         self.header_field += data[start:end]
+        self._check_header_size()
 
     def _value(self, data: bytes, start: int, end: int) -> None:
         self.header_value += data[start:end]
+        self._check_header_size()
+
+    def _check_header_size(self) -> None:
+        if len(self.header_field) + len(self.header_value) > MAX_PART_HEADER_BYTES or \
+                len(self.headers) > MAX_PART_HEADERS:
+            raise ApiError(422, "invalid_request", "A part of the multipart body has oversized headers.",
+                           "Send multipart/form-data with a `params` JSON field and a `volume` file.")
 
     def _header_end(self) -> None:
         self.headers[bytes(self.header_field).lower()] = bytes(self.header_value)
@@ -222,14 +232,57 @@ def check_volume_file(path: Path, max_decoded_bytes: int) -> tuple[str, Path]:
     return kind, source
 
 
+MAX_ZIP_DIRECTORY_BYTES = 8 << 20   # 5000 entries with names of up to ~1.6 KB
+
+
+def _zip_directory_size(path: Path) -> tuple[int, int] | None:
+    """(entries, central directory bytes) from the end-of-central-directory record (zip64 too), found the way
+    zipfile finds it; None when there is none. Read before zipfile builds an object per entry."""
+    import struct
+
+    with open(path, "rb") as handle:
+        handle.seek(0, 2)
+        size = handle.tell()
+        handle.seek(max(0, size - 65557))
+        tail = handle.read()
+        exact = len(tail) - 22   # zipfile first takes a record that ends the file with no comment
+        at = exact if exact >= 0 and tail[exact:exact + 4] == b"PK\x05\x06" and tail[-2:] == b"\0\0" \
+            else tail.rfind(b"PK\x05\x06")
+        if at < 0 or len(tail) - at < 22:
+            return None
+        entries, directory = struct.unpack("<HI", tail[at + 10:at + 16])
+        if entries == 0xFFFF or directory == 0xFFFFFFFF:   # zip64: the real values are in the zip64 record
+            locator = tail.rfind(b"PK\x06\x07", 0, at)
+            if locator < 0 or len(tail) - locator < 20:
+                return None
+            (record,) = struct.unpack("<Q", tail[locator + 8:locator + 16])
+            if record > size - 56:
+                return None
+            handle.seek(record)
+            zip64 = handle.read(56)
+            if not zip64.startswith(b"PK\x06\x06"):
+                return None
+            entries, directory = struct.unpack("<QQ", zip64[32:48])
+    return entries, directory
+
+
 def check_zip(path: Path, max_decoded_bytes: int) -> None:
     """A zip the reader may extract: readable directory, 1..MAX_ZIP_FILES plain files, safe names, bounded sizes,
     and data that decompresses to exactly what the directory declares (read in memory, a chunk at a time)."""
     def bad(message: str, hint: str = "Zip the DICOM series folder again.") -> VolumeError:
         return VolumeError(message, hint)
 
+    directory = _zip_directory_size(path)
+    if directory is None:
+        raise bad("The zip file is damaged: its directory cannot be read.")
+    if directory[0] > MAX_ZIP_FILES or directory[1] > MAX_ZIP_DIRECTORY_BYTES:
+        raise bad(f"The zip holds {directory[0]} entries in a {directory[1] // 1024} KB directory.",
+                  f"Send a zip of one DICOM series (1 to {MAX_ZIP_FILES} files).")
     try:
         with zipfile.ZipFile(path) as archive:
+            if len(archive.infolist()) > MAX_ZIP_FILES:
+                raise bad(f"The zip holds {len(archive.infolist())} entries.",
+                          f"Send a zip of one DICOM series (1 to {MAX_ZIP_FILES} files).")
             members = [m for m in archive.infolist() if not m.is_dir()]
             if not members or len(members) > MAX_ZIP_FILES:
                 raise bad(f"The zip holds {len(members)} files.",
