@@ -252,7 +252,7 @@ def test_cancel_a_queued_and_a_running_job(server, volume):
 def _zip_folder(folder: Path, archive: Path) -> Path:
     import zipfile
 
-    with zipfile.ZipFile(archive, "w") as handle:
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as handle:
         for path in sorted(folder.iterdir()):
             handle.write(path, f"series/{path.name}")
     return archive
@@ -291,7 +291,33 @@ def test_dicom_zip_with_several_series_fails_without_naming_uids(server, tmp_pat
     status = wait(server, response.json()["job_id"])
     assert status["state"] == "failed" and status["error"]["code"] == "bad_volume", status
     error = status["error"]
-    assert "several DICOM series" in error["message"] and "4 files, 4 files" in error["message"]
+    assert "several DICOM series" in error["message"] and "CT, 4 images; CT, 4 images" in error["message"]
     assert "one series" in error["hint"]
     text = json.dumps(error)
     assert "1.2.826" not in text and "medpruner-serve-" not in text and "/tmp" not in text and "series-uid" not in text
+
+
+def test_dicom_zip_follows_the_same_geometry_rules(server, tmp_path):
+    """A zip of a series with a gap fails its job with the CLI's message (no paths, no UIDs); a zip of pydicom-data's
+    enhanced CT is read from its functional groups."""
+    from dicom_shapes import line, pydicom_data_file, write_series
+
+    write_series(tmp_path / "gap", line(3) + line(3, start=(-158.135803, -179.035797, -40.0)))
+    archive = _zip_folder(tmp_path / "gap", tmp_path / "gap.zip")
+    response = server.post("/v1/jobs", files={"volume": ("gap.zip", archive.read_bytes())},
+                           data={"params": json.dumps({"question": "Q?", "max_new_tokens": 2})}, headers=AUTH)
+    assert response.status_code == 202, response.text
+    status = wait(server, response.json()["job_id"])
+    assert status["state"] == "failed" and "not evenly spaced" in status["error"]["message"], status
+    assert "/tmp" not in json.dumps(status["error"]) and "1.3.6.1" not in json.dumps(status["error"])
+    enhanced = tmp_path / "enhanced"
+    enhanced.mkdir()
+    (enhanced / "ct.dcm").write_bytes(pydicom_data_file("eCT_Supplemental.dcm").read_bytes())
+    archive = _zip_folder(enhanced, tmp_path / "enhanced.zip")
+    response = server.post("/v1/jobs", files={"volume": ("e.zip", archive.read_bytes())},
+                           data={"params": json.dumps({"question": "Q?", "max_new_tokens": 2})}, headers=AUTH)
+    assert response.status_code == 202, response.text
+    assert wait(server, response.json()["job_id"])["state"] == "done"
+    report = server.get(f"/v1/jobs/{response.json()['job_id']}/result", headers=AUTH).json()
+    assert report["input"]["size"] == [512, 512, 2] and report["input"]["spacing"][2] == 10.0
+    assert report["input"]["geometry_assumed"] is False

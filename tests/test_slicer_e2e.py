@@ -87,3 +87,25 @@ def test_a_scene_closed_while_asking_gets_no_result_nodes(server):
     assert not done and len(errors) == 1 and isinstance(errors[0], ResultError)
     assert "removed from the scene" in errors[0].message
     assert scene.GetNodesByClass("vtkMRMLTextNode").GetNumberOfItems() == 0
+
+
+def test_slicer_flagged_irregular_series_is_said_in_the_answer(server):
+    """Slicer's DICOM import puts an irregular series under a grid transform named '<volume> acquisition
+    transform'; the answer says so, and a volume without one says nothing of the kind."""
+    from medpruner.phantom import phantom_ct_array
+    from MedPrunerSlicerLib.volume_export import acquisition_warning
+
+    scene = make_scene()
+    volume = add_volume(scene, phantom_ct_array((8, 48, 48)), np.eye(4), "CT")
+    assert acquisition_warning(volume) is None
+    grid = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "CT acquisition transform")
+    volume.SetAndObserveTransformNodeID(grid.GetID())
+    done, errors = [], []
+    session = AskSession(scene, lambda: MedPrunerClient(server, TOKEN), on_done=done.append, on_error=errors.append,
+                         poll_interval=0.05)
+    session.start(volume, build_params("Is there a liver lesion?", max_new_tokens=2))
+    session.wait(120)
+    assert not errors, errors
+    text = done[0].answer.GetText()
+    assert "Slicer flagged this DICOM series as irregular" in text and "CT acquisition transform" in text
+    assert done[0].attention.GetParentTransformNode().GetID() == grid.GetID()

@@ -72,7 +72,8 @@ def test_dicom_series_choice(tmp_path, phantom):
     with pytest.raises(VolumeError) as err:
         load_volume(folder, series_uid="1.2.3.4")
     assert "1.2.3.4 is not in" in err.value.message
-    assert f"{big} (8 files)" in err.value.message and f"{small} (5 files)" in err.value.message
+    assert f"{big}: CT, 8 images" in err.value.message and f"{small}: CT, 5 images" in err.value.message
+    assert "--series" in err.value.hint
 
 
 def test_dicom_ambiguous_series(tmp_path, phantom):
@@ -84,8 +85,8 @@ def test_dicom_ambiguous_series(tmp_path, phantom):
         load_volume(folder)
     msg = err.value.message
     assert "several DICOM series" in msg
-    assert all(f"{uid} (4 files)" in msg for uid in uids)
-    assert "series UID" in err.value.hint
+    assert all(f"{uid}: CT, 4 images" in msg for uid in uids)
+    assert "--series UID" in err.value.hint
 
 
 def test_empty_folder_has_no_series(tmp_path):

@@ -29,7 +29,7 @@ from .errors import JobCancelled, ServerBusy, ServerError
 from .job_runner import JobContext, JobRunner
 from .nrrd_io import decode_nrrd
 from .result_nodes import ResultNodes, create_result_nodes
-from .volume_export import VolumeSnapshot, snapshot_volume
+from .volume_export import VolumeSnapshot, acquisition_warning, snapshot_volume
 
 __all__ = ["STALE_VOLUME_CODES", "AskOutcome", "AskSession", "run_job"]
 
@@ -179,6 +179,7 @@ class AskSession:
         self._input_node = None   # the node itself: after a scene close, an ID could name another node
         self._server_url = ""
         self._settings_key = ""
+        self._input_warning: str | None = None
 
     @property
     def running(self) -> bool:
@@ -193,6 +194,7 @@ class AskSession:
         if self.running:
             raise RuntimeError("A question is already being answered; cancel it first.")
         snapshot = snapshot_volume(volume_node)
+        self._input_warning = acquisition_warning(volume_node)
         client = self.client_factory()
         self._server_url = client.url
         self._input_node = volume_node
@@ -238,6 +240,9 @@ class AskSession:
                 wall_s=time.monotonic() - (self.started_at or time.monotonic()),
                 saved_s=Provenance.saved_seconds(outcome.report, outcome.volume_sent, outcome.reused_from),
             )
+            if self._input_warning:   # Slicer's own verdict on the series joins the server's notes
+                notes = outcome.report.setdefault("input", {}).setdefault("notes", [])
+                notes.append(self._input_warning)
             result = create_result_nodes(self.scene, input_node, outcome.report, outcome.kept, outcome.attention,
                                          outcome.job_id, self._server_url, attributes=provenance.attributes())
         except Exception as exc:  # noqa: BLE001

@@ -38,7 +38,7 @@ ENGINE_REQUIREMENTS = (
     "python-multipart>=0.0.18",
 )
 #: shipped with Slicer: checked, never installed or upgraded.
-SLICER_BUNDLED = ("numpy>=1.26", "SimpleITK>=2.3")
+SLICER_BUNDLED = ("numpy>=1.26", "SimpleITK>=2.3", "pydicom>=2.4")
 #: through the PyTorch extension (PyTorchUtils), which chooses the CUDA/CPU build.
 TORCH_REQUIREMENT = "torch>=2.4,<3"
 

@@ -207,6 +207,8 @@ def summary_text(report: dict) -> str:
                        f"gamma {cfg.get('gamma')}, tau {cfg.get('tau')}, temperature {cfg.get('temperature')}, "
                        f"contextual {cfg.get('contextual_ratio')}, merge {cfg.get('merge')}"),
     ]
+    for note in report.get("input", {}).get("notes", []):
+        lines.append(("WARNING: " if note.startswith("GEOMETRY ASSUMED") else "Note: ") + note)
     if report.get("prepare_s") is not None:
         lines.append("Prepared volume: " + (
             f"reused from an earlier question (preparing it took {_fmt_seconds(report['prepare_s'])})"

@@ -24,6 +24,7 @@ __all__ = [
     "MAX_TOTAL_VOXELS",
     "MIN_AXIS_VOXELS",
     "VolumeSnapshot",
+    "acquisition_warning",
     "ijk_to_ras_array",
     "snapshot_volume",
     "volume_fingerprint",
@@ -84,6 +85,25 @@ def _is_in_sequence(volume_node) -> bool:
     if scene is None:
         return False
     return any(browser.IsProxyNodeID(volume_node.GetID()) for browser in nodes_by_class(scene, "vtkMRMLSequenceBrowserNode"))
+
+
+def acquisition_warning(volume_node) -> str | None:
+    """What to tell the user when Slicer's DICOM import flagged the node's series as irregular, else None.
+
+    Slicer's DICOM scalar-volume plugin loads an irregular series (uneven spacing, gantry tilt) on a regular
+    grid and adds a grid transform named "<volume> acquisition transform" above the node to put each slice
+    back where its header says. The model sees the regular voxel grid; the heatmaps follow the same parent
+    transform, so they stay on the voxels the model saw.
+    """
+    node = volume_node.GetParentTransformNode() if volume_node is not None else None
+    while node is not None:
+        name = node.GetName() or ""
+        if "acquisition transform" in name.lower():
+            return (f"Slicer flagged this DICOM series as irregular (its slices are not a regular grid) and placed it "
+                    f"with the transform '{name}'. The model saw the regular voxel grid; the heatmaps follow the same "
+                    "transform, so they lie on the voxels it saw.")
+        node = node.GetParentTransformNode()
+    return None
 
 
 def snapshot_volume(volume_node) -> VolumeSnapshot:

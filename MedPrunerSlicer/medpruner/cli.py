@@ -127,6 +127,8 @@ def _summary(report: dict[str, Any], out_dir: Path) -> str:
         rows.append(("Unpruned", f"{unpruned['answer'] or '(empty)'}  "
                                  f"[{unpruned['counts']['visual_tokens_kept']} visual tokens, "
                                  f"{unpruned['timings_s']['total']:.2f} s]"))
+    for note in report["input"].get("notes", []):
+        rows.append(("WARNING" if note.startswith("GEOMETRY ASSUMED") else "Note", note))
     rows.append(("Outputs", ", ".join(str(out_dir / name) for name in
                                       ("report.json", "heatmap_kept.nrrd", "heatmap_attention.nrrd", "overview.png"))))
     width = max(len(k) for k, _ in rows)

@@ -132,6 +132,14 @@ def preparation_settings(engine, request: AskRequest) -> dict[str, Any]:
     }
 
 
+def volume_notes(image) -> tuple[bool, list[str]]:
+    """(geometry assumed?, notes) that reading the volume attached to it (medpruner.dicom_series)."""
+    assumed = image.HasMetaDataKey("medpruner.geometry_assumed") and \
+        image.GetMetaData("medpruner.geometry_assumed") == "1"
+    notes = image.GetMetaData("medpruner.notes").split("\n") if image.HasMetaDataKey("medpruner.notes") else []
+    return assumed, [note for note in notes if note]
+
+
 def _prepare_stack(engine, volume, request: AskRequest, tracker, stop, cache) -> tuple[str | None, PreparedStack, bool]:
     """Load + slice the volume, then prepare it, or take it from the cache; returns (volume_id, entry, reused)."""
     from .slicing import prepare_slices
@@ -162,6 +170,7 @@ def _prepare_stack(engine, volume, request: AskRequest, tracker, stop, cache) ->
         size=adapter.preferred_slice_size,
         multiple=adapter.token_pixels,
     )
+    stack.geometry_assumed, stack.input_notes = volume_notes(image)
     tracker("load", 1.0)
     slicing_s = time.perf_counter() - started
     if stop():

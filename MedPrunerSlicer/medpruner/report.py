@@ -91,6 +91,8 @@ def build_report(engine, request, stack, result, unpruned=None) -> dict[str, Any
             "direction": list(mapping.input_direction),
             "slice_axis_ijk": "IJK"[2 - mapping.input_axis],
             "obliquity_deg": mapping.obliquity_deg,
+            "geometry_assumed": bool(stack.geometry_assumed),
+            "notes": list(stack.input_notes),
         },
         "slices": {
             "total": int(mapping.display_shape[0]),

@@ -182,6 +182,8 @@ class SliceStack:
     mapping: SliceMapping
     window: dict[str, Any] = field(default_factory=dict)
     axis: str = "axial"
+    geometry_assumed: bool = False        # the reader could not know the grid (e.g. DICOM without positions)
+    input_notes: list[str] = field(default_factory=list)   # what reading the volume left out or assumed
 
 
 def canonical_orientation(direction) -> tuple[tuple[int, int, int], tuple[int, int, int], float]:

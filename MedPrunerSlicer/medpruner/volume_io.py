@@ -66,9 +66,13 @@ def load_volume(path: str | os.PathLike, series_uid: str | None = None, *, allow
     label = name or p.name
     if not p.exists():
         raise VolumeError(f"Volume not found: {name or p}", "Check the path; give a volume file or a DICOM series folder.")
-    if p.is_dir():
-        return _load_dicom_series(p, series_uid, max_decoded_bytes=max_decoded_bytes, name=name,
-                                  reveal_ids=reveal_ids)
+    if p.is_dir() or _is_dicom_file(p):
+        from .dicom_series import read_dicom
+
+        dicom_label = name or (str(p) if p.is_dir() else p.name)
+        image = read_dicom(p, series_uid, dicom_label, reveal_ids, max_decoded_bytes, _check_sizes)
+        validate_volume(image, name=dicom_label)
+        return image
     if series_uid is not None:
         raise VolumeError(
             f"A series UID was given but {label} is a file, not a DICOM folder.",
@@ -188,75 +192,12 @@ def _check_sizes(size, name: str) -> None:
         )
 
 
-_PIXEL_BYTES = {
-    sitk.sitkUInt8: 1, sitk.sitkInt8: 1, sitk.sitkUInt16: 2, sitk.sitkInt16: 2, sitk.sitkUInt32: 4, sitk.sitkInt32: 4,
-    sitk.sitkUInt64: 8, sitk.sitkInt64: 8, sitk.sitkFloat32: 4, sitk.sitkFloat64: 8,
-}
-
-
-def _load_dicom_series(folder: Path, series_uid: str | None, *, max_decoded_bytes: int | None = None,
-                       name: str | None = None, reveal_ids: bool = True) -> sitk.Image:
-    """Read one DICOM series from a folder: the largest, or `series_uid`; refuse ambiguity."""
-    label = name or str(folder)
+def _is_dicom_file(p: Path) -> bool:
     try:
-        uids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
-    except RuntimeError as exc:
-        raise VolumeError(f"Cannot scan {label} for DICOM files ({_first_line(exc, folder, label)}).",
-                          _FORMATS_HINT) from None
-    if not uids:
-        raise VolumeError(f"No DICOM series found in {label if name else 'the folder ' + label}.", _FORMATS_HINT)
-    files = {uid: list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in uids}
-    ordered = sorted(files, key=lambda u: (-len(files[u]), u))
-    if reveal_ids:
-        listing = ", ".join(f"{uid} ({len(files[uid])} files)" for uid in ordered)
-    else:
-        listing = ", ".join(f"{len(files[uid])} files" for uid in ordered)
-    if series_uid is not None:
-        if series_uid not in files:
-            raise VolumeError(
-                f"DICOM series {series_uid} is not in {label}; found: {listing}.",
-                "Pick one of the series UIDs listed (--series UID).",
-            )
-        chosen = series_uid
-    else:
-        most = max(len(f) for f in files.values())
-        largest = [uid for uid in uids if len(files[uid]) == most]
-        if len(largest) > 1:
-            hint = ("Pick one of the series UIDs listed with --series UID." if reveal_ids else
-                    "Send a zip that holds one series only.")
-            raise VolumeError(f"{label} holds several DICOM series of the same largest size; found: {listing}.", hint)
-        chosen = largest[0]
-    series_label = f"DICOM series {chosen}" if reveal_ids else f"the DICOM series in {label}"
-    names = files[chosen]
-    head = sitk.ImageFileReader()
-    head.SetImageIO("GDCMImageIO")
-    head.SetFileName(names[0])
-    try:
-        head.ReadImageInformation()
-    except RuntimeError as exc:
-        raise VolumeError(f"Cannot read a DICOM file of {series_label} ({_first_line(exc, folder, label)}).",
-                          "Export the series again.") from None
-    size = tuple(head.GetSize())
-    size = (size[0], size[1], (size[2] if len(size) == 3 else 1) * len(names))
-    n_comp = head.GetNumberOfComponents()
-    # Direction and spacing of the series are only known after reading; check sizes and cost now.
-    _check_header(3, size, (1.0, 1.0, 1.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), n_comp, head.GetPixelID(), series_label)
-    decoded = int(np.prod(size, dtype=np.int64)) * n_comp * _PIXEL_BYTES.get(head.GetPixelID(), 8)
-    if max_decoded_bytes is not None and decoded > max_decoded_bytes:
-        raise VolumeTooLarge(f"{series_label} is {' x '.join(map(str, size))} voxels: {decoded / 2**20:.0f} MB once "
-                             f"decoded, over the limit of {max_decoded_bytes / 2**20:.0f} MB.",
-                             "Send fewer slices or a smaller series.")
-    reader = sitk.ImageSeriesReader()
-    reader.SetImageIO("GDCMImageIO")
-    reader.SetFileNames(names)
-    try:
-        image = reader.Execute()
-    except RuntimeError as exc:
-        _raise_if_out_of_memory(exc, series_label)
-        raise VolumeError(f"Cannot read {series_label} ({_first_line(exc, folder, label)}).",
-                          "Export the series again; a file may be damaged.") from None
-    validate_volume(image, name=series_label)
-    return image
+        with open(p, "rb") as handle:
+            return handle.read(132)[128:132] == b"DICM" and p.is_file()
+    except OSError:
+        return False
 
 
 def _raise_if_out_of_memory(exc: RuntimeError, label: str) -> None:

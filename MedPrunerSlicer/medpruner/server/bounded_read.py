@@ -85,6 +85,10 @@ def read_upload(source: Path, kind: str, limits: ReadLimits, cancel: Callable[[]
     image.SetSpacing(tuple(float(v) for v in reply["spacing"]))
     image.SetOrigin(tuple(float(v) for v in reply["origin"]))
     image.SetDirection(tuple(float(v) for v in reply["direction"]))
+    metadata = reply.get("metadata") if isinstance(reply.get("metadata"), dict) else {}
+    for key in ("medpruner.notes", "medpruner.geometry_assumed"):   # what reading left out or assumed
+        if isinstance(metadata.get(key), str):
+            image.SetMetaData(key, metadata[key][:4000])
     return image
 
 

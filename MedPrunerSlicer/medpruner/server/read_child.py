@@ -127,8 +127,10 @@ def main(argv: list[str]) -> int:
             reply({"ok": False, "code": exc.code, "message": message, "hint": exc.hint})
             return 0
         voxels = np.ascontiguousarray(sitk.GetArrayViewFromImage(image))
+        notes = {key: image.GetMetaData(key) for key in ("medpruner.notes", "medpruner.geometry_assumed")
+                 if image.HasMetaDataKey(key)}
         reply({"ok": True, "dtype": voxels.dtype.str, "shape": list(voxels.shape), "spacing": image.GetSpacing(),
-               "origin": image.GetOrigin(), "direction": image.GetDirection()})
+               "origin": image.GetOrigin(), "direction": image.GetDirection(), "metadata": notes})
         out.write(memoryview(voxels).cast("B"))
         out.flush()
         return 0
