@@ -236,3 +236,12 @@ def test_assumed_geometry_is_said_in_the_summary_and_report(tiny_qwen3_vl, tmp_p
     assert report["input"]["geometry_assumed"] is True
     assert any("GEOMETRY ASSUMED" in note for note in report["input"]["notes"])
     assert CANARY not in json.dumps(report)
+
+
+def test_notes_carry_no_uid_or_description(tmp_path):
+    write_series(tmp_path / "s", line(6), description="Canary description")
+    write_series(tmp_path / "s", line(3), description="Canary other")
+    image = load_volume(tmp_path / "s")
+    notes = _notes(image)
+    assert "6 images" in notes and "3 images" in notes and "--series" in notes
+    assert "Canary" not in notes and "1.2." not in notes

@@ -6,9 +6,10 @@ any download. The numbers below are the ones in the public config.json of each c
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:   # torch loads only when an engine is built: `medpruner --help` stays fast
+    import torch
 
 # Qwen3-VL-2B-Instruct and Qwen3-VL-8B-Instruct, config.json (text_config / vision_config).
 QWEN3_VL_SIZES: dict[str, dict[str, Any]] = {
@@ -45,6 +46,8 @@ BENCH_CONFIGS = ("tiny", *QWEN3_VL_SIZES, "medgemma-4b")
 
 
 def _medgemma_engine(device: torch.device, dtype: torch.dtype):
+    import torch
+
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
     from .adapters.gemma3 import Gemma3Adapter
@@ -79,6 +82,8 @@ def _medgemma_engine(device: torch.device, dtype: torch.dtype):
 
 
 def _qwen3_vl_engine(name: str, device: torch.device, dtype: torch.dtype):
+    import torch
+
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     from .adapters import Qwen3VLAdapter
@@ -113,6 +118,8 @@ def _qwen3_vl_engine(name: str, device: torch.device, dtype: torch.dtype):
 
 def build_bench_engine(name: str, device: str | torch.device | None = "auto", dtype: str | None = None):
     """An engine for `name` in BENCH_CONFIGS: the tiny checkpoint, or a real-size random-weight model."""
+    import torch
+
     from .engine import MedPruner, _resolve_device, _resolve_dtype
     from .errors import InputError
 

@@ -87,22 +87,34 @@ def _check_out_dir(path: Path) -> Path:
     return path
 
 
+def _tiny_model(family: str, progress: _StderrProgress) -> str:
+    """The tiny demo checkpoint of `family`: from the cache, or built into it the first time (said which)."""
+    from .tiny import ensure_tiny_checkpoint, tiny_checkpoint_path
+
+    if tiny_checkpoint_path(family) is None:
+        progress.say(f"[load] building the tiny demo model ({family}; random weights: meaningless answers) once "
+                     "into the cache ...")
+    else:
+        progress.say(f"[load] tiny demo model ({family}; random weights: meaningless answers) from the cache")
+    return str(ensure_tiny_checkpoint(family))
+
+
 def _resolve_model(model: str, progress: _StderrProgress) -> str:
     """'tiny' (when no such folder exists) is the tiny demo model with random weights, built once into the cache."""
     if model == TINY_MODEL and not Path(model).exists():
-        from .tiny import ensure_tiny_checkpoint
-
-        progress.say("[load] tiny demo model (random weights: meaningless answers), built once into the cache ...")
-        return str(ensure_tiny_checkpoint())
+        return _tiny_model("qwen3_vl", progress)
     return model
 
 
 def _load_engine(model: str, device: str, dtype: str | None, progress: _StderrProgress):
+    model = _resolve_model(model, progress)
+    progress.say(f"[load] loading the model from {model} ...")   # before the heavy imports: seconds on a cold disk
+    from .checkpoints import check_model_reachable
+
+    check_model_reachable(model)
     from .engine import MedPruner
 
     _quiet_transformers()
-    model = _resolve_model(model, progress)
-    progress.say(f"[load] model {model} ...")
     engine = MedPruner.from_pretrained(model, device=device, dtype=dtype)
     progress.say(f"[load] {engine.adapter.family} on {engine.device} ({str(engine.dtype).replace('torch.', '')})")
     return engine
@@ -171,17 +183,11 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .phantom import make_phantom_ct
-    from .tiny import ensure_tiny_checkpoint
 
     progress = _StderrProgress(quiet=args.json)
-    _quiet_transformers()
-    if args.model:
-        model = args.model
-    else:
-        progress.say(f"[load] tiny demo model ({args.family}), built once into the cache ...")
-        model = str(ensure_tiny_checkpoint(args.family))
-    image = make_phantom_ct()
     out_dir = _check_out_dir(Path(args.out))
+    model = args.model or _tiny_model(args.family, progress)
+    image = make_phantom_ct()
     out_dir.mkdir(parents=True, exist_ok=True)
     sample = out_dir / "sample_ct.nrrd"
     from .heatmaps import write_image_atomic

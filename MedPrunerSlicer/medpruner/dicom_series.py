@@ -5,7 +5,8 @@ localizer mixed in or slices of different sizes silently become a wrong grid, an
 voxel would then sit away from the anatomy the model saw. So the series is judged here first, from
 every file's own header (pydicom), the way Slicer's DICOM importer judges one:
 
-* the folder is searched recursively; files are grouped by SeriesInstanceUID; objects that are not
+* the folder is searched recursively (notes for the report never carry UIDs or descriptions: only counts
+  and modalities); files are grouped by SeriesInstanceUID; objects that are not
   images of the patient (RTDOSE, RTSTRUCT, SEG, SR, presentation states...) are left out and named;
   images typed LOCALIZER, and a lone image of another orientation and size (a scout), are left out
   with a note;
@@ -226,7 +227,9 @@ def choose_series(instances: list[Instance], series_uid: str | None, label: str,
         if count(ordered[0]) == count(ordered[1]):
             hint = ("Pick one with --series UID." if reveal_ids else "Send a zip that holds one series only.")
             raise VolumeError(f"{label} holds several DICOM series of the same size: {listing()}.", hint)
-        notes.append(f"the folder holds {len(ordered)} series; the largest was read ({listing()})")
+        others = ", ".join(str(count(uid)) for uid in ordered[1:])
+        notes.append(f"the folder holds {len(ordered)} image series; the largest ({count(ordered[0])} images) was "
+                     f"read, not the others ({others} images; pick one with --series UID)")
     return series[ordered[0]], notes
 
 

@@ -22,6 +22,7 @@ import torch
 
 from .adapters import SUPPORTED_FAMILIES, ModelAdapter, SlicePixels, adapter_for
 from .config import PruningConfig
+from .checkpoints import _local_checkpoint
 from .errors import Cancelled, InputError, ModelLoadError
 from .pruning import select_tokens, slice_filter
 from .result import AskResult
@@ -126,24 +127,6 @@ def _check_question(question: Any) -> str:
             "Ask a shorter question.",
         )
     return question
-
-
-def _local_checkpoint(name: str) -> str:
-    """A name written as a path ('/..', './..', '~/..', 'a/b/c', 'C:\\..') must be an existing folder:
-    say so plainly instead of letting the hub client judge it as a malformed repo id."""
-    path = Path(name).expanduser()
-    written_as_path = (name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1
-                       or bool(path.drive))
-    if not written_as_path:
-        return name
-    if not path.exists():
-        raise ModelLoadError(f"No checkpoint folder at {name!r}: it does not exist.",
-                             "Give the folder that holds config.json and the weights, or a hub id such as "
-                             "Qwen/Qwen3-VL-2B-Instruct.")
-    if not path.is_dir():
-        raise ModelLoadError(f"{name!r} is a file; a checkpoint is a folder.",
-                             "Give the folder that holds config.json and the weights.")
-    return str(path) if name.startswith("~") else name
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:

@@ -206,7 +206,7 @@ def run_ask(
     so a rejected input, a cancelled job or an interrupted write leaves `out_dir` as it was.
     """
     from .heatmaps import build_heatmaps, write_image_atomic
-    from .overview import render_overview
+    from .overview import render_overview, slice_captions
 
     stop = cancel or (lambda: False)
     tracker = _Progress(progress, passes=2 if request.compare else 1)
@@ -256,7 +256,8 @@ def run_ask(
     with staged_outputs(Path(out_dir), make_parents=make_parents) as staging:
         write_image_atomic(kept_image, staging / "heatmap_kept.nrrd")
         write_image_atomic(attention_image, staging / "heatmap_attention.nrrd")
-        render_overview(stack.images, result, staging / "overview.png", title=request.question)
+        render_overview(stack.images, result, staging / "overview.png", title=request.question, answer=result.answer,
+                        axis=request.axis, captions=slice_captions(stack.mapping))
         write_json_atomic(report, staging / "report.json")
         if stop():
             raise Cancelled()

@@ -439,10 +439,19 @@ def default_cache_dir() -> Path:
     return Path(root)
 
 
-def ensure_tiny_checkpoint(family: str = "qwen3_vl", cache_dir: str | os.PathLike | None = None) -> Path:
-    """Return the cached tiny checkpoint of `family`, building it once if it is missing."""
+def tiny_checkpoint_path(family: str = "qwen3_vl", cache_dir: str | os.PathLike | None = None) -> Path | None:
+    """The cached tiny checkpoint of `family` if it has been built, else None (nothing is built here)."""
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = root / f"tiny-{family}"
-    if not (path / "config.json").exists() or not (path / "MEDPRUNER_TINY.txt").exists():
-        build_tiny_checkpoint(path, family=family)
+    return path if (path / "config.json").exists() and (path / "MEDPRUNER_TINY.txt").exists() else None
+
+
+def ensure_tiny_checkpoint(family: str = "qwen3_vl", cache_dir: str | os.PathLike | None = None) -> Path:
+    """Return the cached tiny checkpoint of `family`, building it once if it is missing."""
+    ready = tiny_checkpoint_path(family, cache_dir)
+    if ready is not None:
+        return ready
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = root / f"tiny-{family}"
+    build_tiny_checkpoint(path, family=family)
     return path

@@ -193,9 +193,12 @@ def _check_sizes(size, name: str) -> None:
 
 
 def _is_dicom_file(p: Path) -> bool:
+    """A regular file with the DICOM preamble (never opens a device or a pipe: they may block forever)."""
     try:
+        if not p.is_file():
+            return False
         with open(p, "rb") as handle:
-            return handle.read(132)[128:132] == b"DICM" and p.is_file()
+            return handle.read(132)[128:132] == b"DICM"
     except OSError:
         return False
 
