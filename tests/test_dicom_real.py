@@ -62,7 +62,7 @@ def test_a_gap_is_refused_and_located(tmp_path):
 def test_a_tilted_subset_is_refused(tmp_path):
     write_series(tmp_path / "s", line(10, 1.25), edit=lambda i, ds: setattr(
         ds, "ImageOrientationPatient", [f"{v:.6f}" for v in tilted(AXIAL, 5.0)]) if i in (6, 7, 8) else None)
-    _refused(tmp_path / "s", "3 of 10 slices", "7-9", "tilted by up to 5.0 degrees")
+    _refused(tmp_path / "s", "3 of 10 slices", "7-9", "turned by up to 5 degrees")
 
 
 def test_gantry_tilt_is_refused(tmp_path):
@@ -245,3 +245,94 @@ def test_notes_carry_no_uid_or_description(tmp_path):
     notes = _notes(image)
     assert "6 images" in notes and "3 images" in notes and "--series" in notes
     assert "Canary" not in notes and "1.2." not in notes
+
+
+def test_small_errors_that_add_up_along_the_series_are_refused(tmp_path):
+    """Every gap within 1 % of the typical one, but the last slice 3 mm away from the regular grid."""
+    gaps = [1.25] * 100 + [1.262] * 99
+    positions = [(-158.1, -179.0, -75.7 + float(np.sum(gaps[:k]))) for k in range(200)]
+    write_series(tmp_path / "s", positions)
+    _refused(tmp_path / "s", "not evenly spaced", "from where a regular grid")
+
+
+def test_positions_rounded_in_the_header_are_accepted_with_the_true_spacing(tmp_path):
+    positions = [(-158.1, -179.0, round(-75.7 + 0.625 * k, 2)) for k in range(40)]
+    paths = write_series(tmp_path / "s", positions)
+    image = load_volume(tmp_path / "s")
+    assert abs(image.GetSpacing()[2] - 0.625) < 1e-3
+    np.testing.assert_allclose(image.TransformIndexToPhysicalPoint((0, 0, 39)), positions[-1], atol=0.01)
+    assert len(paths) == 40
+
+
+def test_without_positions_slices_follow_instance_numbers_not_file_names(tmp_path):
+    def drop_all(index, ds):
+        del ds.ImagePositionPatient
+        del ds.ImageOrientationPatient
+
+    folder = tmp_path / "s"
+    paths = write_series(folder, line(12), edit=drop_all)
+    for index, path in enumerate(paths):   # IM1 ... IM12: name order is 1, 10, 11, 12, 2, ...
+        path.rename(folder / f"IM{index + 1}")
+    image = load_volume(folder)
+    import pydicom
+
+    voxels = sitk.GetArrayViewFromImage(image)
+    for k in range(12):
+        ds = pydicom.dcmread(folder / f"IM{k + 1}")
+        assert int(ds.InstanceNumber) == k + 1
+        np.testing.assert_array_equal(voxels[k], ds.pixel_array.astype(np.int32) - 1024)
+
+
+def test_missing_pixel_spacing_still_judges_positions(tmp_path):
+    def no_spacing(index, ds):
+        del ds.PixelSpacing
+
+    write_series(tmp_path / "gap", line(3) + line(3, start=(-158.135803, -179.035797, 100.0)), edit=no_spacing)
+    _refused(tmp_path / "gap", "not evenly spaced")
+    write_series(tmp_path / "ok", line(5), edit=no_spacing)
+    image = load_volume(tmp_path / "ok")
+    assert image.GetMetaData("medpruner.geometry_assumed") == "1" and "no pixel spacing" in _notes(image)
+    assert image.GetSpacing()[2] == pytest.approx(1.25)
+
+
+def test_enhanced_frames_with_their_own_scaling_or_spacing_are_refused(tmp_path):
+    import copy
+
+    import pydicom
+    from pydicom.sequence import Sequence
+
+    source = pydicom_data_file("eCT_Supplemental.dcm")
+    ds = pydicom.dcmread(source)
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    scaling = shared.PixelValueTransformationSequence[0]
+    del shared.PixelValueTransformationSequence
+    for k, frame in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        item = copy.deepcopy(scaling)
+        item.RescaleSlope, item.RescaleIntercept = ["1", "2"][k], ["-1024", "-2000"][k]
+        frame.PixelValueTransformationSequence = Sequence([item])
+    ds.save_as(tmp_path / "rescale.dcm")
+    _refused(tmp_path / "rescale.dcm", "scales its frames' values differently")
+    ds = pydicom.dcmread(source)
+    measures = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    del ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence
+    for k, frame in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        item = copy.deepcopy(measures)
+        item.PixelSpacing = [["0.5", "0.5"], ["0.8", "0.8"]][k]
+        frame.PixelMeasuresSequence = Sequence([item])
+    ds.save_as(tmp_path / "spacing.dcm")
+    _refused(tmp_path / "spacing.dcm", "mixes pixel spacings")
+
+
+def test_a_damaged_file_in_the_series_is_said_not_skipped(tmp_path):
+    paths = write_series(tmp_path / "s", line(6))
+    paths[-1].write_bytes(paths[-1].read_bytes()[:400])   # cut inside the header
+    error = _refused(tmp_path / "s", "look like DICOM but cannot be read", paths[-1].name)
+    assert "export" in error.hint.lower()
+
+    def bad_slope(index, ds):
+        if index == 2:
+            del ds.RescaleSlope
+            ds.add_new(0x00281053, "LO", "abc")   # a slope no number can be read from
+
+    write_series(tmp_path / "slope", line(6), edit=bad_slope)
+    _refused(tmp_path / "slope", "cannot be read")

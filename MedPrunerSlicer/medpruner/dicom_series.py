@@ -66,7 +66,10 @@ class Instance:
     pixel_spacing: tuple[float, ...] | None
     rescale: tuple[float, float]
     bits_allocated: int = 16
+    instance_number: int | None = None
     enhanced: bool = False
+    frame_rescales: list | None = None             # enhanced: (slope, intercept) per frame
+    mixed_frame_spacing: bool = False
     frame_positions: list | None = None          # enhanced: one position per frame
     frame_orientations: list | None = None
 
@@ -85,6 +88,10 @@ class SeriesGeometry:
 
 # -- reading headers --------------------------------------------------------------------------------
 def _floats(value, count: int) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        value = [value]
     try:
         numbers = tuple(float(v) for v in value)
     except (TypeError, ValueError):
@@ -101,16 +108,44 @@ def _item(sequence, index: int = 0):
         return None
 
 
+class DamagedFile(Exception):
+    """A file with the DICOM preamble whose header cannot be read."""
+
+
+def has_dicom_preamble(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
 def read_instance(path: Path) -> Instance | None:
-    """The header of one file, or None when it is not a DICOM file."""
+    """The header of one regular file; None when it is not a DICOM file; DamagedFile when it says it is one but its
+    header cannot be read."""
+    try:
+        return _read_instance(path)
+    except DamagedFile:
+        raise
+    except Exception as exc:   # noqa: BLE001 - any unreadable value in a header is damage, named by file
+        if has_dicom_preamble(path):
+            raise DamagedFile(path.name) from exc
+        return None
+
+
+def _read_instance(path: Path) -> Instance | None:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, OSError, ValueError, TypeError, KeyError, AttributeError, EOFError):
+    except (InvalidDicomError, OSError, ValueError, TypeError, KeyError, AttributeError, EOFError) as exc:
+        if has_dicom_preamble(path):
+            raise DamagedFile(path.name) from exc
         return None
-    if "SOPClassUID" not in ds and "SeriesInstanceUID" not in ds:
+    if "SeriesInstanceUID" not in ds:
+        if has_dicom_preamble(path) and "SOPClassUID" not in ds:   # a DICOM file cut short inside its header
+            raise DamagedFile(path.name)
         return None
     has_pixels = any(tag in ds for tag in ("Rows", "NumberOfFrames")) and int(ds.get("Rows", 0) or 0) > 0
     shared = _item(ds.get("SharedFunctionalGroupsSequence"))
@@ -125,11 +160,26 @@ def read_instance(path: Path) -> Instance | None:
         pixel_spacing=_floats(ds.get("PixelSpacing"), 2),
         rescale=(float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)),
         bits_allocated=int(ds.get("BitsAllocated", 16) or 16),
+        instance_number=_int_or_none(ds.get("InstanceNumber")),
     )
     if per_frame is not None or shared is not None:
         instance.enhanced = True
         _read_functional_groups(instance, shared, per_frame)
     return instance
+
+
+def _int_or_none(value) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _natural_key(path: Path) -> list:
+    """IM2 before IM10: digits compare as numbers."""
+    import re
+
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
 
 def _group_value(frame, shared, sequence: str, keyword: str, count: int):
@@ -148,12 +198,21 @@ def _read_functional_groups(instance: Instance, shared, per_frame) -> None:
                                    for f in frames]
     spacings = {_group_value(f, shared, "PixelMeasuresSequence", "PixelSpacing", 2) for f in frames} or \
         {_group_value(None, shared, "PixelMeasuresSequence", "PixelSpacing", 2)}
+    instance.mixed_frame_spacing = len(spacings) > 1
     instance.pixel_spacing = spacings.pop() if len(spacings) == 1 else None
+    instance.frame_rescales = [_frame_rescale(f, shared) for f in frames]
+
+
+def _frame_rescale(frame, shared) -> tuple[float, float]:
+    slope = _group_value(frame, shared, "PixelValueTransformationSequence", "RescaleSlope", 1)
+    intercept = _group_value(frame, shared, "PixelValueTransformationSequence", "RescaleIntercept", 1)
+    return (slope[0] if slope else 1.0, intercept[0] if intercept else 0.0)
 
 
 def scan_folder(folder: Path) -> list[Instance]:
     """Every DICOM file below `folder` (recursively, regular files only, at most MAX_FILES visited)."""
     found: list[Instance] = []
+    damaged: list[str] = []
     visited = 0
     for root, dirs, files in os.walk(folder):
         dirs.sort()
@@ -165,9 +224,17 @@ def scan_folder(folder: Path) -> list[Instance]:
             if visited > MAX_FILES:
                 raise VolumeError(f"The folder holds more than {MAX_FILES} files.",
                                   "Give the folder of one DICOM series.")
-            instance = read_instance(path)
+            try:
+                instance = read_instance(path)
+            except DamagedFile as exc:
+                damaged.append(str(exc))
+                continue
             if instance is not None:
                 found.append(instance)
+    if damaged:
+        raise VolumeError(f"{len(damaged)} file(s) in the folder look like DICOM but cannot be read (e.g. "
+                          f"{damaged[0][:64]}): a series missing them would be read with a hole or one slice short.",
+                          "Copy or export the series again; remove files that do not belong to it.")
     return found
 
 
@@ -239,6 +306,16 @@ def _normal(orientation: tuple[float, ...]) -> np.ndarray:
     return np.cross(row, col)
 
 
+def _orientation_angle_deg(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    """The largest angle between the row directions or the column directions of two orientations."""
+    angles = []
+    for x, y in ((a[:3], b[:3]), (a[3:], b[3:])):
+        u, v = np.asarray(x, float), np.asarray(y, float)
+        cos = float(np.dot(u, v) / (np.linalg.norm(u) * np.linalg.norm(v)))
+        angles.append(math.degrees(math.acos(max(-1.0, min(1.0, cos)))))
+    return max(angles)
+
+
 def _angle_deg(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     na, nb = _normal(a), _normal(b)
     cos = abs(float(np.dot(na, nb)) / (np.linalg.norm(na) * np.linalg.norm(nb)))
@@ -270,14 +347,14 @@ def judge_slices(positions: list[tuple[float, ...] | None], orientations: list[t
     if missing and len(missing) < n:
         raise VolumeError(f"{label}: {len(missing)} of {n} {what} ({_ranges(missing)}) have no position or "
                           "orientation, the others do.", _EXPORT_HINT)
-    if missing or pixel_spacing is None:
+    if missing:
         raise _NoGeometry()
     reference = orientations[0]
     tilted = [i for i in range(n) if max(abs(a - b) for a, b in zip(orientations[i], reference)) > ORIENTATION_TOLERANCE]
     if tilted:
-        angle = max(_angle_deg(orientations[i], reference) for i in tilted)
-        raise VolumeError(f"{label}: {len(tilted)} of {n} {what} ({_ranges(tilted)} in file order) are not parallel "
-                          f"to the others (tilted by up to {angle:.1f} degrees).",
+        angle = max(_orientation_angle_deg(orientations[i], reference) for i in tilted)
+        raise VolumeError(f"{label}: {len(tilted)} of {n} {what} ({_ranges(tilted)} in file order) are not in the "
+                          f"orientation of the others (turned by up to {angle:.2g} degrees).",
                           "Give a series whose slices all share one orientation; " + _EXPORT_HINT)
     row, col = np.asarray(reference[:3]), np.asarray(reference[3:])
     normal = np.cross(row, col)
@@ -306,19 +383,35 @@ def judge_slices(positions: list[tuple[float, ...] | None], orientations: list[t
         raise VolumeError(f"{label}: the {what} are shifted sideways along the stack (by {float(sideways.max()):.2f} mm, "
                           f"a gantry tilt of about {angle:.1f} degrees), so they do not form a rectangular grid.",
                           _EXPORT_HINT)
-    spacing = float(np.median(gaps))
+    # The grid runs from the first slice to the last; every slice must lie on it (a gap-by-gap check alone lets
+    # small errors add up along a long series).
+    spacing = float(sorted_along[-1] - sorted_along[0]) / (n - 1)
     tolerance = max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_FRACTION * spacing)
-    uneven = [k for k in range(n - 1) if abs(gaps[k] - spacing) > tolerance]
+    typical = float(np.median(gaps))
+    uneven = [k for k in range(n - 1) if abs(gaps[k] - typical) > tolerance]
     if uneven:
         shown = ", ".join(f"{what} {k + 1}-{k + 2} are {gaps[k]:.4g} mm apart" for k in uneven[:3])
         more = f" and {len(uneven) - 3} more gaps" if len(uneven) > 3 else ""
-        raise VolumeError(f"{label} is not evenly spaced: {shown}{more}, the others {spacing:.4g} mm (in order along "
+        raise VolumeError(f"{label} is not evenly spaced: {shown}{more}, the others {typical:.4g} mm (in order along "
                           "the slice normal). A regular grid would put those slices away from their anatomy.",
                           _EXPORT_HINT)
+    off_grid = np.abs(sorted_along - (sorted_along[0] + spacing * np.arange(n)))
+    worst = int(np.argmax(off_grid))
+    if float(off_grid[worst]) > tolerance:
+        raise VolumeError(f"{label} is not evenly spaced: its gaps vary ({float(gaps.min()):.4g} to "
+                          f"{float(gaps.max()):.4g} mm), so {what[:-1]} {worst + 1} lies {float(off_grid[worst]):.2f} mm "
+                          f"from where a regular grid of {spacing:.4g} mm puts it (in order along the slice normal).",
+                          _EXPORT_HINT)
     direction = np.column_stack([row / np.linalg.norm(row), col / np.linalg.norm(col), normal])
-    return SeriesGeometry(order=order, origin=tuple(float(v) for v in points[order[0]]),
-                          spacing=(float(pixel_spacing[1]), float(pixel_spacing[0]), spacing),
-                          direction=tuple(float(v) for v in direction.ravel()))
+    geometry = SeriesGeometry(order=order, origin=tuple(float(v) for v in points[order[0]]),
+                              spacing=(float(pixel_spacing[1]), float(pixel_spacing[0]), spacing) if pixel_spacing
+                              else (1.0, 1.0, spacing),
+                              direction=tuple(float(v) for v in direction.ravel()))
+    if pixel_spacing is None:
+        geometry.assumed = True
+        geometry.notes.append("GEOMETRY ASSUMED: the images state positions and orientation but no pixel spacing, so "
+                              "1 x 1 mm pixels were assumed; in-plane sizes in mm are not the patient's")
+    return geometry
 
 
 class _NoGeometry(Exception):
@@ -332,11 +425,14 @@ def classic_geometry(files: list[Instance], label: str) -> tuple[list[Instance],
     if localizers and len(localizers) < len(files):
         files = [i for i in files if "LOCALIZER" not in i.image_type]
         notes.append(f"left out {len(localizers)} localizer image(s) of the series")
-    orientations = Counter(i.orientation for i in files if i.orientation is not None)
+    def rounded(orientation):   # header rounding must not make one orientation look like two
+        return tuple(round(v, 3) for v in orientation)
+
+    orientations = Counter(rounded(i.orientation) for i in files if i.orientation is not None)
     if len(files) > 2 and len(orientations) > 1:
         main, count = orientations.most_common(1)[0]
         if count == len(files) - 1:   # one image across the others: a scout filed with the series
-            odd = next(i for i in files if i.orientation != main)
+            odd = next(i for i in files if i.orientation is None or rounded(i.orientation) != main)
             if odd.orientation is not None and _angle_deg(odd.orientation, main) > 10:
                 files = [i for i in files if i is not odd]
                 notes.append("left out 1 image in another orientation (a localizer) from the series")
@@ -353,6 +449,8 @@ def classic_geometry(files: list[Instance], label: str) -> tuple[list[Instance],
         geometry = judge_slices([i.position for i in files], [i.orientation for i in files],
                                 files[0].pixel_spacing, label)
     except _NoGeometry:
+        # No positions: the file order is all there is; take InstanceNumber, then the names in natural order.
+        files = sorted(files, key=lambda i: (i.instance_number is None, i.instance_number or 0, _natural_key(i.path)))
         geometry = _assumed_geometry(files[0].pixel_spacing, len(files), label, "its images")
     geometry.notes[:0] = notes
     return files, geometry
@@ -370,6 +468,16 @@ def _assumed_geometry(pixel_spacing, count: int, label: str, what: str) -> Serie
 
 def multiframe_geometry(instance: Instance, label: str) -> SeriesGeometry:
     """Judge the frames of one multi-frame file (enhanced: per-frame functional groups)."""
+    if instance.enhanced and instance.frame_positions is not None:
+        if len(instance.frame_positions) != instance.frames:
+            raise VolumeError(f"{label} says it has {instance.frames} frames but describes {len(instance.frame_positions)}.",
+                              _EXPORT_HINT)
+        if instance.mixed_frame_spacing:
+            raise VolumeError(f"{label} mixes pixel spacings between its frames.", _EXPORT_HINT)
+        if len({r for r in instance.frame_rescales or []}) > 1:
+            raise VolumeError(f"{label} scales its frames' values differently (per-frame rescale slope and intercept), "
+                              "which this reader would apply as one.", "Export the series with one value scaling, "
+                              "or as single-frame images.")
     if instance.enhanced and instance.frame_positions:
         try:
             return judge_slices(instance.frame_positions, instance.frame_orientations, instance.pixel_spacing, label,
@@ -388,7 +496,10 @@ def read_dicom(path: Path, series_uid: str | None, label: str, reveal_ids: bool,
     if path.is_dir():
         files, notes = choose_series(scan_folder(path), series_uid, label, reveal_ids)
     else:
-        instance = read_instance(path)
+        try:
+            instance = read_instance(path)
+        except DamagedFile:
+            raise VolumeError(f"Cannot read {label}: its DICOM header is damaged.", "Export the file again.") from None
         if instance is None:
             raise VolumeError(f"Cannot read {label}: not a DICOM file.", "Give a DICOM series folder.")
         files, notes = [instance], []
@@ -397,9 +508,16 @@ def read_dicom(path: Path, series_uid: str | None, label: str, reveal_ids: bool,
                               f"({NOT_ANATOMY.get(instance.modality.upper(), 'no image')}), not an image of the patient.",
                               "Give the folder of the CT or MR series itself.")
         if instance.frames == 1:
-            siblings = [i for i in (read_instance(p) for p in sorted(path.parent.iterdir())
-                                    if p.is_file() and p != path and not p.is_symlink())
-                        if i is not None and i.series_uid == instance.series_uid]
+            beside = [p for p in sorted(path.parent.iterdir())[:MAX_FILES]
+                      if p != path and p.is_file() and not p.is_symlink() and has_dicom_preamble(p)]
+            siblings = []
+            for other in beside:
+                try:
+                    found = read_instance(other)
+                except DamagedFile:
+                    continue
+                if found is not None and found.series_uid == instance.series_uid:
+                    siblings.append(found)
             if siblings:
                 raise VolumeError(f"{label} is one file of a DICOM series of {len(siblings) + 1} files.",
                                   f"Give the folder that holds the series: {path.parent if reveal_ids else 'its folder'}.")
@@ -418,7 +536,9 @@ def read_dicom(path: Path, series_uid: str | None, label: str, reveal_ids: bool,
         files, geometry = classic_geometry(files, label)
         sizes = (files[0].columns, files[0].rows, len(files))
     check_sizes(sizes, label)
-    pixel_bytes = 4 if any(i.rescale != files[0].rescale for i in files) else max(1, files[0].bits_allocated // 8)
+    rescaled = any(i.rescale != (1.0, 0.0) for i in files) or \
+        any(r != (1.0, 0.0) for i in files for r in (i.frame_rescales or []))
+    pixel_bytes = 4 if rescaled else max(1, files[0].bits_allocated // 8)   # GDCM widens the type to rescale
     if max_decoded_bytes is not None and math.prod(sizes) * pixel_bytes > max_decoded_bytes:
         from .errors import VolumeTooLarge
 
