@@ -258,6 +258,15 @@ def _zip_folder(folder: Path, archive: Path) -> Path:
     return archive
 
 
+def _submit_folder_as_zip(server, folder: Path, tmp_path: Path, max_new_tokens: int = 2):
+    archive = _zip_folder(folder, tmp_path / f"{folder.name}.zip")
+    response = server.post("/v1/jobs", files={"volume": (archive.name, archive.read_bytes())},
+                           data={"params": json.dumps({"question": "Q?", "max_new_tokens": max_new_tokens})},
+                           headers=AUTH)
+    assert response.status_code == 202, response.text
+    return response
+
+
 def test_dicom_zip_upload(server, tmp_path):
     from volume_helpers import write_dicom_series
 
@@ -265,10 +274,7 @@ def test_dicom_zip_upload(server, tmp_path):
     image = make_phantom_ct(shape=(8, 48, 48))
     folder.mkdir()
     write_dicom_series(image, folder, series_uid="1.2.826.0.1.3680043.2.1125.99")
-    archive = _zip_folder(folder, tmp_path / "series.zip")
-    response = server.post("/v1/jobs", files={"volume": ("series.zip", archive.read_bytes())},
-                           data={"params": json.dumps({"question": "Q?", "max_new_tokens": 3})}, headers=AUTH)
-    assert response.status_code == 202, response.text
+    response = _submit_folder_as_zip(server, folder, tmp_path, max_new_tokens=3)
     assert wait(server, response.json()["job_id"])["state"] == "done"
     report = server.get(f"/v1/jobs/{response.json()['job_id']}/result", headers=AUTH).json()
     assert report["input"]["size"] == [48, 48, 8]
@@ -284,10 +290,7 @@ def test_dicom_zip_with_several_series_fails_without_naming_uids(server, tmp_pat
     uids = ["1.2.826.0.1.3680043.2.1125.98.1", "1.2.826.0.1.3680043.2.1125.98.2"]
     for uid in uids:
         write_dicom_series(make_phantom_ct(shape=(4, 32, 32)), folder, series_uid=uid)
-    archive = _zip_folder(folder, tmp_path / "two.zip")
-    response = server.post("/v1/jobs", files={"volume": ("two.zip", archive.read_bytes())},
-                           data={"params": json.dumps({"question": "Q?", "max_new_tokens": 2})}, headers=AUTH)
-    assert response.status_code == 202, response.text
+    response = _submit_folder_as_zip(server, folder, tmp_path)
     status = wait(server, response.json()["job_id"])
     assert status["state"] == "failed" and status["error"]["code"] == "bad_volume", status
     error = status["error"]
@@ -303,20 +306,14 @@ def test_dicom_zip_follows_the_same_geometry_rules(server, tmp_path):
     from dicom_shapes import line, pydicom_data_file, write_series
 
     write_series(tmp_path / "gap", line(3) + line(3, start=(-158.135803, -179.035797, -40.0)))
-    archive = _zip_folder(tmp_path / "gap", tmp_path / "gap.zip")
-    response = server.post("/v1/jobs", files={"volume": ("gap.zip", archive.read_bytes())},
-                           data={"params": json.dumps({"question": "Q?", "max_new_tokens": 2})}, headers=AUTH)
-    assert response.status_code == 202, response.text
+    response = _submit_folder_as_zip(server, tmp_path / "gap", tmp_path)
     status = wait(server, response.json()["job_id"])
     assert status["state"] == "failed" and "not evenly spaced" in status["error"]["message"], status
     assert "/tmp" not in json.dumps(status["error"]) and "1.3.6.1" not in json.dumps(status["error"])
     enhanced = tmp_path / "enhanced"
     enhanced.mkdir()
     (enhanced / "ct.dcm").write_bytes(pydicom_data_file("eCT_Supplemental.dcm").read_bytes())
-    archive = _zip_folder(enhanced, tmp_path / "enhanced.zip")
-    response = server.post("/v1/jobs", files={"volume": ("e.zip", archive.read_bytes())},
-                           data={"params": json.dumps({"question": "Q?", "max_new_tokens": 2})}, headers=AUTH)
-    assert response.status_code == 202, response.text
+    response = _submit_folder_as_zip(server, enhanced, tmp_path)
     assert wait(server, response.json()["job_id"])["state"] == "done"
     report = server.get(f"/v1/jobs/{response.json()['job_id']}/result", headers=AUTH).json()
     assert report["input"]["size"] == [512, 512, 2] and report["input"]["spacing"][2] == 10.0
