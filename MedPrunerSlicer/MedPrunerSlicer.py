@@ -4,6 +4,10 @@ Module, parameter node, widget, logic and self-test, the Slicer way. The widget 
 to the scene logic in MedPrunerSlicerLib (Qt-free, tested headless on slicer-core); the logic
 reports through callbacks and never touches widgets. The engine (`medpruner`, torch) is never
 imported here: it only runs in the local server's own process.
+
+Nothing that can take more than ~100 ms runs on the main thread: HTTP (asking, testing the
+connection, waiting for the local server) and installs run on worker threads or child processes,
+drained by QTimers.
 """
 from __future__ import annotations
 
@@ -19,17 +23,20 @@ import ctk
 import qt
 import slicer
 import vtk
-from MedPrunerSlicerLib import display, local_server
+from MedPrunerSlicerLib import display, installer, local_server, support
+from MedPrunerSlicerLib.answer_view import RESEARCH_NOTICE, answer_html, compare_rows, details_html
 from MedPrunerSlicerLib.ask import AskSession
 from MedPrunerSlicerLib.client import MedPrunerClient, build_params
 from MedPrunerSlicerLib.conversation import conversation, conversation_html
-from MedPrunerSlicerLib.errors import JobCancelled, MedPrunerSlicerError, SettingsError
-from MedPrunerSlicerLib.result_nodes import find_results, result_from_answer_node
+from MedPrunerSlicerLib.errors import JobCancelled, MedPrunerSlicerError, ServerUnreachable, SettingsError
+from MedPrunerSlicerLib.job_runner import JobRunner
+from MedPrunerSlicerLib.result_nodes import find_results, remove_result, result_from_answer_node
 from MedPrunerSlicerLib.settings import (
     DEFAULT_PORT,
     KEYS,
     ConsentPolicy,
     Preferences,
+    is_local_url,
     normalize_server_url,
 )
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLTextNode
@@ -45,6 +52,10 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 OVERLAY_MODES = ("both", "attention", "decisions", "none")
+OVERLAY_STYLES = ("outline", "filled")
+DOCUMENTATION_URL = "https://github.com/medpruner/SlicerMedPruner/blob/main/docs/SLICER.md"
+#: kept identical to EXTENSION_CONTRIBUTORS in CMakeLists.txt and the .s4ext (a test checks it)
+CONTRIBUTORS = ["MedPruner project maintainers (MedPruner project)"]
 
 
 #
@@ -56,14 +67,16 @@ class MedPrunerSlicer(ScriptedLoadableModule):
         self.parent.title = _("MedPruner")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Quantification")]
         self.parent.dependencies = []
-        self.parent.contributors = ["MedPrunerSlicer authors"]
+        self.parent.contributors = list(CONTRIBUTORS)
         self.parent.helpText = _(
-            "Ask a vision-language model a question about a CT or MR volume. MedPruner drops redundant "
-            "slices and visual tokens before the language model sees them; heatmaps over the slice views "
-            "show what the model kept. The model runs in a MedPruner server: on this computer "
-            "(Start local server) or on a GPU machine (set its address and token)."
+            "Ask a vision-language model a question about a CT or MR volume. MedPruner drops near-duplicate "
+            "slices and unimportant image regions before the language model sees them; the overlay over the "
+            "slice views shows what the model looked at and dims what it did not. The model runs in a "
+            "MedPruner server: on this computer (Start local server) or on a GPU machine (set its address and token)."
         )
-        self.parent.helpText += self.getDefaultModuleDocumentationLink()
+        self.parent.helpText += "<p><b>" + _(RESEARCH_NOTICE) + "</b></p>"
+        self.parent.helpText += "<p>" + _(support.SUPPORTED_VERSIONS_TEXT) + "</p>"
+        self.parent.helpText += '<p>' + _("Documentation:") + f' <a href="{DOCUMENTATION_URL}">{DOCUMENTATION_URL}</a></p>'
         self.parent.acknowledgementText = _(
             "MedPruner: training-free visual token pruning for 3D medical vision-language models "
             "(arXiv 2603.11625, MICCAI 2026)."
@@ -107,6 +120,8 @@ class MedPrunerSlicerParameterNode:
     tau: Annotated[float, WithinRange(0.01, 1.0)] = 0.9
     compare: bool = False
     overlayMode: str = "both"
+    overlayStyle: str = "outline"
+    overlayViews: str = "input"       # "input": the views showing the input; "all"; or one view's name
     overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
     currentResult: vtkMRMLTextNode
 
@@ -121,11 +136,16 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
+        self._shownResult = None
+        self._conversationKey = None
+        self._askWhenServerReady = False
+        self._installDialog = None
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(100)
         self._serverTimer = qt.QTimer()
         self._serverTimer.setInterval(1000)
-        self._serverStartedAt = None
+        self._tasksTimer = qt.QTimer()
+        self._tasksTimer.setInterval(100)
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -141,9 +161,12 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.doneCallback = self.onDone
         self.logic.errorCallback = self.onError
 
-        for mode, text in zip(OVERLAY_MODES, (_("Attention and decisions"), _("Attention"),
-                                              _("Decisions (kept / contextual / pruned / dropped)"), _("None"))):
+        for mode, text in zip(OVERLAY_MODES, (_("Where it looked and its attention"), _("Attention only"),
+                                              _("Where it looked only"), _("Nothing"))):
             self.ui.overlayComboBox.addItem(text, mode)
+        for style, text in zip(OVERLAY_STYLES, (_("Outlines, anatomy visible"), _("Filled colours"))):
+            self.ui.overlayStyleComboBox.addItem(text, style)
+        self._fillViewsComboBox()
         self.ui.compareTable.setColumnCount(2)
         self.ui.compareTable.setHorizontalHeaderLabels([_("Pruned"), _("Unpruned")])
         self.ui.compareTable.horizontalHeader().setSectionResizeMode(qt.QHeaderView.Stretch)
@@ -153,6 +176,7 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.serverUrlComboBox.setCurrentText(prefs.server_url)
         self.ui.tokenLineEdit.text = prefs.token
         self.ui.localModelLineEdit.text = prefs.local_model
+        self._showSupport()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -168,18 +192,30 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.tokenLineEdit.connect("editingFinished()", self.onTokenEdited)
         self.ui.localModelLineEdit.connect("editingFinished()", self.onLocalModelEdited)
         self.ui.overlayComboBox.connect("currentIndexChanged(int)", self.onOverlayModeChanged)
+        self.ui.overlayStyleComboBox.connect("currentIndexChanged(int)", self.onOverlayStyleChanged)
+        self.ui.overlayViewsComboBox.connect("currentIndexChanged(int)", self.onOverlayViewsChanged)
+        self.ui.opacitySlider.connect("valueChanged(double)", self.onOpacityChanged)
         self.ui.conversationBrowser.connect("anchorClicked(QUrl)", self.onConversationLink)
         self.ui.previousKeptButton.connect("clicked(bool)", lambda: self.onJumpKept(-1))
         self.ui.nextKeptButton.connect("clicked(bool)", lambda: self.onJumpKept(+1))
+        self.ui.showPlotsButton.connect("clicked(bool)", self.onShowPlots)
+        self.ui.removeResultButton.connect("clicked(bool)", self.onRemoveResult)
         self._pollTimer.connect("timeout()", self.onPollTimer)
         self._serverTimer.connect("timeout()", self.onServerTimer)
+        self._tasksTimer.connect("timeout()", self.onTasksTimer)
         slicer.app.connect("aboutToQuit()", self.logic.shutdown)
 
         self.initializeParameterNode()
 
+    def onReload(self) -> None:
+        """Developer mode Reload: Slicer reloads only this file, so drop MedPrunerSlicerLib to reload it too."""
+        for name in [n for n in sys.modules if n == "MedPrunerSlicerLib" or n.startswith("MedPrunerSlicerLib.")]:
+            del sys.modules[name]
+        ScriptedLoadableModuleWidget.onReload(self)
+
     def cleanup(self) -> None:
-        self._pollTimer.stop()
-        self._serverTimer.stop()
+        for timer in (self._pollTimer, self._serverTimer, self._tasksTimer):
+            timer.stop()
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
@@ -189,6 +225,7 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self) -> None:
         self._loadServerFields()   # Application Settings may have changed them meanwhile
+        self._fillViewsComboBox()  # the layout may have changed
         self.initializeParameterNode()
 
     def _loadServerFields(self) -> None:
@@ -205,7 +242,7 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event) -> None:
         self.logic.cancel()
         self.setParameterNode(None)
-        self._showResult(None)                 # node IDs restart in the next scene: forget the old ones
+        self._showResult(None, display_it=False)   # node IDs restart in the next scene: forget the old ones
         self._conversationKey = None
         self.ui.conversationBrowser.setHtml("")
 
@@ -217,7 +254,7 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
             volume = self.logic.volumeInViews() or slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if volume and not volume.IsA("vtkMRMLLabelMapVolumeNode"):
+            if volume and not volume.IsA("vtkMRMLLabelMapVolumeNode") and not self.logic.isHeatmap(volume):
                 self._parameterNode.inputVolume = volume
 
     def setParameterNode(self, inputParameterNode) -> None:
@@ -228,9 +265,32 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
-            index = self.ui.overlayComboBox.findData(self._parameterNode.overlayMode)
-            self.ui.overlayComboBox.setCurrentIndex(max(index, 0))
+            for combo, value in ((self.ui.overlayComboBox, self._parameterNode.overlayMode),
+                                 (self.ui.overlayStyleComboBox, self._parameterNode.overlayStyle),
+                                 (self.ui.overlayViewsComboBox, self._parameterNode.overlayViews)):
+                wasBlocked = combo.blockSignals(True)
+                combo.setCurrentIndex(max(combo.findData(value), 0))
+                combo.blockSignals(wasBlocked)
             self._onParameterNodeModified()
+
+    def _fillViewsComboBox(self) -> None:
+        combo = self.ui.overlayViewsComboBox
+        current = combo.currentData if combo.count else (self._parameterNode.overlayViews if self._parameterNode else "input")
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        combo.addItem(_("Views showing the input volume"), "input")
+        combo.addItem(_("All slice views"), "all")
+        layoutManager = slicer.app.layoutManager()
+        for name in (layoutManager.sliceViewNames() if layoutManager else []):
+            combo.addItem(_("{view} view only").format(view=name), name)
+        combo.setCurrentIndex(max(combo.findData(current), 0))
+        combo.blockSignals(wasBlocked)
+
+    def _showSupport(self) -> None:
+        verdict = self.logic.localServerSupport()
+        self.ui.serverSupportLabel.visible = not verdict.ok
+        self.ui.serverSupportLabel.text = "" if verdict.ok else verdict.message + " " + verdict.hint
+        self.ui.startServerButton.enabled = verdict.ok and not self.logic.localServer.is_running()
 
     # -- state -> widgets ----------------------------------------------------------------------
     def _onParameterNodeModified(self, caller=None, event=None) -> None:
@@ -247,31 +307,45 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.gammaSlider.enabled = bool(node and node.pruningEnabled)
         self.ui.tauSlider.enabled = bool(node and node.pruningEnabled)
         answer = node.currentResult if node else None
-        shown = self._shownResultKey()
+        shown = self._shownResult
         if (shown.answer if shown else None) is not answer:
             self._showResult(result_from_answer_node(answer))
         conversationKey = (node.inputVolume.GetID() if hasInput else None, answer.GetID() if answer else None)
-        if conversationKey != getattr(self, "_conversationKey", None):
+        if conversationKey != self._conversationKey:
             self._showConversation()
-        self.ui.previousKeptButton.enabled = self._shownResultKey() is not None
-        self.ui.nextKeptButton.enabled = self._shownResultKey() is not None
-        if node and self._shownResultKey() is not None:
-            display.set_opacity(slicer.mrmlScene, node.overlayOpacity)
+        hasResult = self._shownResult is not None
+        for button in (self.ui.previousKeptButton, self.ui.nextKeptButton, self.ui.showPlotsButton,
+                       self.ui.removeResultButton):
+            button.enabled = hasResult and not (button is self.ui.removeResultButton and running)
 
-    def _shownResultKey(self):
-        return getattr(self, "_shownResult", None)
-
-    def _showResult(self, result) -> None:
-        self._shownResult = result
+    def _showResult(self, result, display_it: bool = True) -> None:
+        """Show `result`'s answer, and its overlay in the views; None clears both and restores the views."""
+        previous, self._shownResult = self._shownResult, result
         if result is None:
-            self.ui.answerBrowser.setPlainText("")
+            self.ui.answerBrowser.setHtml("")
+            self.ui.answerDetailsLabel.text = ""
             self.ui.compareTable.visible = False
+            if display_it and previous is not None:
+                display.hide_result(slicer.mrmlScene)
             return
         report = result.report
-        self.ui.answerBrowser.setHtml(self.logic.answerHtml(report))
+        self.ui.answerBrowser.setHtml(answer_html(report))
+        self.ui.answerDetailsLabel.text = details_html(report)
         self._fillCompareTable(report)
-        display.show_result(slicer.mrmlScene, result, self._parameterNode.overlayMode, self._parameterNode.overlayOpacity)
-        self.logic.showChart(result.tokens_chart)
+        if display_it:
+            self._applyOverlay()
+
+    def _applyOverlay(self) -> None:
+        """Show the current result in the chosen views, mode and style; mode "none" restores the views."""
+        result, node = self._shownResult, self._parameterNode
+        if result is None or node is None:
+            return
+        if node.overlayMode == "none":
+            display.hide_result(slicer.mrmlScene)
+            return
+        display.hide_result(slicer.mrmlScene)   # other views may have been chosen: restore them first
+        display.show_result(slicer.mrmlScene, result, node.overlayMode, node.overlayOpacity, style=node.overlayStyle,
+                            composite_nodes=self.logic.compositeNodesFor(node.overlayViews))
 
     def _showConversation(self) -> None:
         node = self._parameterNode
@@ -279,6 +353,8 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         current = node.currentResult if node else None
         self._conversationKey = (volume.GetID() if volume else None, current.GetID() if current else None)
         self.ui.conversationBrowser.setHtml(self.logic.conversationHtml(volume, current))
+        count = len(conversation(slicer.mrmlScene, volume)) if volume else 0
+        self.ui.conversationCollapsibleButton.text = _("Conversation about this volume ({count})").format(count=count)
 
     def onConversationLink(self, url) -> None:
         """A question of the conversation was clicked: show its answer and heatmaps."""
@@ -287,11 +363,11 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.currentResult = node
 
     def _fillCompareTable(self, report) -> None:
-        rows = self.logic.compareRows(report)
+        rows = compare_rows(report)
         table = self.ui.compareTable
         table.visible = bool(rows)
         table.setRowCount(len(rows))
-        table.setVerticalHeaderLabels([label for label, _pruned, _unpruned in rows])
+        table.setVerticalHeaderLabels([_(label) for label, _pruned, _unpruned in rows])
         for r, (_label, pruned, unpruned) in enumerate(rows):
             table.setItem(r, 0, qt.QTableWidgetItem(pruned))
             table.setItem(r, 1, qt.QTableWidgetItem(unpruned))
@@ -308,6 +384,7 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.cancel()
             self.ui.statusLabel.text = _("Cancelling...")
             return
+        self._askWhenServerReady = False
         with slicer.util.tryWithErrorDisplay(_("Could not ask the question."), waitCursor=True):
             self._saveServerFields()
             url = self.logic.preferences.server_url
@@ -316,7 +393,7 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             node = self._parameterNode
             params = build_params(node.question, enabled=node.pruningEnabled, gamma=node.gamma, tau=node.tau,
                                   compare=node.compare)
-            self.logic.ask(node.inputVolume, params)
+            self.logic.ask(node.inputVolume, params)   # checks and copies the volume; HTTP runs in the worker
             self.ui.progressBar.visible = True
             self.ui.progressBar.setRange(0, 0)
             self.ui.statusLabel.text = _("Sending the volume...")
@@ -369,6 +446,12 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Cancelled.")
             return
         self.ui.statusLabel.text = _("Failed.")
+        if isinstance(exc, ServerUnreachable) and self.logic.isFirstRun():
+            self._offerServerSetup()
+            return
+        self._showError(exc)
+
+    def _showError(self, exc) -> None:
         if isinstance(exc, MedPrunerSlicerError):
             text = exc.message + ("\n\n" + exc.hint if exc.hint else "")
             details = {"detailedText": exc.details} if exc.details else {}   # None would show as "None"
@@ -378,23 +461,84 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(_("Unexpected error: {error}").format(error=exc), windowTitle=_("MedPruner"),
                                      detailedText=repr(exc))
 
+    def _offerServerSetup(self) -> None:
+        """First run: no server answers at the local address. Offer to start one, or to enter a remote one."""
+        url = self.logic.preferences.server_url
+        verdict = self.logic.localServerSupport()
+        box = qt.QMessageBox(slicer.util.mainWindow())
+        box.setIcon(qt.QMessageBox.Question)
+        box.setWindowTitle(_("Set up a MedPruner server"))
+        box.setText(_("No MedPruner server answers at {url}. The model runs in a server: on this computer, or on a "
+                      "GPU machine of your network.").format(url=url))
+        model = self.ui.localModelLineEdit.text.strip() or _("the demo model (random weights: meaningless answers)")
+        if verdict.ok:
+            box.setInformativeText(_("Start a server on this computer with {model}? Your question is asked as soon "
+                                     "as it is ready. Or enter the address of a remote server.").format(model=model))
+        else:
+            box.setInformativeText(verdict.message + " " + verdict.hint)
+        startButton = box.addButton(_("Start local server"), qt.QMessageBox.AcceptRole) if verdict.ok else None
+        remoteButton = box.addButton(_("Use a remote server..."), qt.QMessageBox.ActionRole)
+        box.addButton(qt.QMessageBox.Cancel)
+        box.exec_()
+        if startButton is not None and box.clickedButton() == startButton:
+            self._askWhenServerReady = True
+            self.onStartServer()
+        elif box.clickedButton() == remoteButton:
+            self.ui.serverCollapsibleButton.collapsed = False
+            self.ui.serverUrlComboBox.setFocus()
+            self.ui.serverUrlComboBox.lineEdit().selectAll()
+            self.ui.statusLabel.text = _("Enter the server's address and token in the Server section, then press Ask.")
+
     # -- overlay ---------------------------------------------------------------------------------
     def onOverlayModeChanged(self, index: int) -> None:
-        if not self._parameterNode:
-            return
-        self._parameterNode.overlayMode = self.ui.overlayComboBox.itemData(index) or "both"
-        result = self._shownResultKey()
-        if result is not None:
-            display.show_result(slicer.mrmlScene, result, self._parameterNode.overlayMode,
-                                self._parameterNode.overlayOpacity)
+        if self._parameterNode:
+            self._parameterNode.overlayMode = self.ui.overlayComboBox.itemData(index) or "both"
+            self._applyOverlay()
+
+    def onOverlayStyleChanged(self, index: int) -> None:
+        if self._parameterNode:
+            self._parameterNode.overlayStyle = self.ui.overlayStyleComboBox.itemData(index) or "outline"
+            self._applyOverlay()
+
+    def onOverlayViewsChanged(self, index: int) -> None:
+        if self._parameterNode:
+            self._parameterNode.overlayViews = self.ui.overlayViewsComboBox.itemData(index) or "input"
+            self._applyOverlay()
+
+    def onOpacityChanged(self, value: float) -> None:
+        """Only the slider changes the overlay's opacity (never a keystroke elsewhere in the panel)."""
+        if self._shownResult is not None:
+            display.set_opacity(slicer.mrmlScene, value)
 
     def onJumpKept(self, direction: int) -> None:
-        result = self._shownResultKey()
+        result = self._shownResult
         if result is None:
             return
-        sliceNode = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
-        if display.jump_to_kept_slice(result, sliceNode, direction) is None:
+        sliceNode = self.logic.sliceNodeForJump(result)
+        if sliceNode is None:
+            self.ui.statusLabel.text = _("No slice view shows the input volume.")
+        elif display.jump_to_kept_slice(result, sliceNode, direction) is None:
             self.ui.statusLabel.text = _("No kept slice further in that direction.")
+
+    def onShowPlots(self) -> None:
+        """The only place the layout changes: the user asked for the plots."""
+        if self._shownResult is not None:
+            self.logic.showChart(self._shownResult.tokens_chart)
+
+    def onRemoveResult(self) -> None:
+        result = self._shownResult
+        if result is None or self.logic.running:
+            return
+        if not slicer.util.confirmOkCancelDisplay(
+                _("Remove the question \"{question}\", its answer and its heatmaps from the scene?").format(
+                    question=result.question), windowTitle=_("MedPruner")):
+            return
+        nextAnswer = self.logic.removeResult(result)
+        self._shownResult = None
+        if self._parameterNode:
+            self._parameterNode.currentResult = nextAnswer
+        self._conversationKey = None
+        self._onParameterNodeModified()
 
     # -- server ----------------------------------------------------------------------------------
     def _saveServerFields(self) -> None:
@@ -417,48 +561,142 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.preferences.local_model = self.ui.localModelLineEdit.text
 
     def onTestConnection(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("The server did not answer as expected."), waitCursor=True):
+        """Checks the server in the worker; the answer arrives through onTasksTimer."""
+        try:
             self._saveServerFields()
-            info = self.logic.testConnection()
-            self.ui.serverStatusLabel.text = _("Connected: {info}").format(info=self.logic.describeHealth(info))
+        except SettingsError as exc:
+            self.ui.serverStatusLabel.text = exc.message + " " + exc.hint
+            return
+        if not self.logic.startConnectionCheck(self._onConnectionChecked, self._onConnectionFailed):
+            return   # a check is already running: its answer is on the way
+        self.ui.testConnectionButton.enabled = False
+        self.ui.serverStatusLabel.text = _("Testing the connection to {url}...").format(
+            url=self.logic.preferences.server_url)
+        self._tasksTimer.start()
+
+    def _onConnectionChecked(self, info) -> None:
+        self.ui.testConnectionButton.enabled = True
+        self.ui.serverStatusLabel.text = _("Connected: {info}").format(info=self.logic.describeHealth(info))
+
+    def _onConnectionFailed(self, exc) -> None:
+        self.ui.testConnectionButton.enabled = True
+        self.ui.serverStatusLabel.text = _("Not connected.")
+        self._showError(exc)
+
+    def onTasksTimer(self) -> None:
+        try:
+            busy = self.logic.pollTasks()
+        except Exception as exc:  # noqa: BLE001 - never let an exception kill the timer silently
+            busy = False
+            self._showError(exc)
+        if self._installDialog is not None:
+            self._installDialog.setLabelText(self.logic.installStatus())
+        if not busy:
+            self._tasksTimer.stop()
 
     def onStartServer(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Could not start the local server."), waitCursor=False):
-            try:
-                self._startServer()
-            except MedPrunerSlicerError as exc:   # message, hint and details (e.g. pip's output) in one dialog
-                self.onError(exc)
+        try:
+            self._startServer()
+        except MedPrunerSlicerError as exc:   # message, hint and details (e.g. pip's output) in one dialog
+            self._askWhenServerReady = False
+            self._showError(exc)
 
     def _startServer(self) -> None:
         self.onLocalModelEdited()
-        if not self.logic.ensureServerDependencies():
+        verdict = self.logic.localServerSupport()   # what this Slicer can do, before anything is installed
+        if not verdict.ok:
+            raise SettingsError(verdict.message, verdict.hint)
+        steps = self.logic.installSteps()
+        if not steps:
+            self._launchServer()
             return
-        self.logic.startLocalServer(self.ui.localModelLineEdit.text)
+        listing = "\n".join("  " + step.label for step in steps)
+        if not slicer.util.confirmOkCancelDisplay(
+                _("The local server needs Python packages that will be downloaded and installed into Slicer's "
+                  "Python (several minutes, and a few GB for PyTorch). Slicer stays usable meanwhile.\n{listing}")
+                .format(listing=listing), windowTitle=_("Install MedPruner server dependencies")):
+            self._askWhenServerReady = False
+            return
+        self.logic.startInstall(steps, self._onInstalled, self._onInstallFailed)
+        dialog = qt.QProgressDialog(_("Installing..."), _("Cancel"), 0, 0, slicer.util.mainWindow())
+        dialog.setWindowTitle(_("Installing MedPruner server dependencies"))
+        dialog.setMinimumWidth(520)
+        dialog.setAutoClose(False)
+        dialog.setAutoReset(False)
+        dialog.connect("canceled()", self.logic.cancelInstall)
+        dialog.show()
+        self._installDialog = dialog
+        self.ui.startServerButton.enabled = False
+        self.ui.serverStatusLabel.text = _("Installing the server's Python packages...")
+        self._tasksTimer.start()
+
+    def _closeInstallDialog(self) -> None:
+        if self._installDialog is not None:
+            self._installDialog.close()
+            self._installDialog = None
+        self.ui.startServerButton.enabled = True
+
+    def _onInstalled(self, _result) -> None:
+        self._closeInstallDialog()
+        self._launchServer()
+
+    def _onInstallFailed(self, exc) -> None:
+        self._closeInstallDialog()
+        self._askWhenServerReady = False
+        self.ui.serverStatusLabel.text = _("Installing the server's packages did not finish.")
+        if not isinstance(exc, JobCancelled):
+            self._showError(exc)
+
+    def _launchServer(self) -> None:
+        note = self.logic.startLocalServer(self.ui.localModelLineEdit.text)
         url = self.logic.preferences.server_url
         self.ui.serverUrlComboBox.setCurrentText(url)
-        self.ui.serverStatusLabel.text = _("Starting the server (loading the model can take minutes)...")
-        self._serverStartedAt = time.monotonic()
+        self.ui.serverStatusLabel.text = (note + " " if note else "") + _(
+            "Starting the server (loading the model can take minutes)...")
         self.ui.startServerButton.enabled = False
         self.ui.stopServerButton.enabled = True
         self.ui.openLogButton.enabled = True
+        if self._askWhenServerReady:
+            self.ui.statusLabel.text = _("Waiting for the local server; the question is asked when it is ready.")
         self._serverTimer.start()
+        self._tasksTimer.start()
 
     def onServerTimer(self) -> None:
-        state, text = self.logic.localServerState()
-        self.ui.serverStatusLabel.text = text
-        if state in ("ready", "stopped", "failed"):
-            self._serverTimer.stop()
-            self.ui.startServerButton.enabled = state != "ready"
-            self.ui.stopServerButton.enabled = state == "ready"
-            if state == "failed":
-                slicer.util.errorDisplay(_("The local server stopped while starting."), windowTitle=_("MedPruner"),
-                                         detailedText=self.logic.localServer.log_tail())
+        """Once a second while the local server starts: its process (no HTTP here) and a health probe (worker)."""
+        state = self.logic.localServerProcessState()
+        if state == "running":
+            self.logic.startReadinessProbe(self._onServerReady, lambda exc: None)
+            self._tasksTimer.start()
+            return
+        self._serverTimer.stop()
+        self._askWhenServerReady = False
+        self.ui.startServerButton.enabled = True
+        self.ui.stopServerButton.enabled = False
+        code = self.logic.localServer.exit_code
+        self.ui.serverStatusLabel.text = _("The local server exited (code {code}); open its log for details.").format(
+            code=code)
+        if state == "failed":
+            slicer.util.errorDisplay(_("The local server stopped while starting."), windowTitle=_("MedPruner"),
+                                     detailedText=self.logic.localServer.log_tail())
+
+    def _onServerReady(self, info) -> None:
+        if not self._serverTimer.isActive():
+            return
+        self._serverTimer.stop()
+        self.ui.serverStatusLabel.text = _("Local server ready: {info}").format(info=self.logic.describeHealth(info))
+        self.ui.startServerButton.enabled = False
+        self.ui.stopServerButton.enabled = True
+        if self._askWhenServerReady:
+            self._askWhenServerReady = False
+            if self.ui.askButton.enabled and not self.logic.running:
+                self.onAskOrCancel()
 
     def onStopServer(self) -> None:
+        self._askWhenServerReady = False
         self.logic.stopLocalServer()
         self._serverTimer.stop()
         self.ui.serverStatusLabel.text = _("Local server stopped.")
-        self.ui.startServerButton.enabled = True
+        self.ui.startServerButton.enabled = self.logic.localServerSupport().ok
         self.ui.stopServerButton.enabled = False
 
     def onOpenLog(self) -> None:
@@ -471,7 +709,11 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 # Logic
 #
 class MedPrunerSlicerLogic(ScriptedLoadableModuleLogic):
-    """Scene logic for the module (no widgets). Reports through the *Callback attributes."""
+    """Scene logic for the module (no widgets). Reports through the *Callback attributes.
+
+    Every HTTP call and every install runs in a worker (`session`, `checks`, `probes`, `installs`:
+    JobRunners drained by the widget's timers); the main thread only starts them and takes results.
+    """
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
@@ -485,6 +727,10 @@ class MedPrunerSlicerLogic(ScriptedLoadableModuleLogic):
                                   on_progress=lambda *a: self.progressCallback and self.progressCallback(*a),
                                   on_done=lambda r: self.doneCallback and self.doneCallback(r),
                                   on_error=self._onError)
+        self.checks = JobRunner()      # Test connection
+        self.probes = JobRunner()      # is the local server ready yet?
+        self.installs = installer.Installer()
+        self._everConnected = False
 
     def getParameterNode(self):
         return MedPrunerSlicerParameterNode(super().getParameterNode())
@@ -509,7 +755,10 @@ class MedPrunerSlicerLogic(ScriptedLoadableModuleLogic):
         self.session.start(volumeNode, params, reuse=reuse)
 
     def poll(self) -> bool:
-        return self.session.poll()
+        running = self.session.poll()
+        if not running and self.session.job_id:
+            self._everConnected = True
+        return running
 
     def cancel(self) -> None:
         self.session.cancel()
@@ -517,14 +766,58 @@ class MedPrunerSlicerLogic(ScriptedLoadableModuleLogic):
     def elapsed(self) -> float:
         return time.monotonic() - (self.session.started_at or time.monotonic())
 
+    def isFirstRun(self) -> bool:
+        """No server has answered yet in this session, and the address is this computer's default one."""
+        url = self.preferences.server_url
+        return (not self._everConnected and is_local_url(url) and not self.localServer.is_running()
+                and not find_results(slicer.mrmlScene))
+
+    # views
+    @staticmethod
+    def _compositeNodes() -> list:
+        return list(slicer.util.getNodesByClass("vtkMRMLSliceCompositeNode"))
+
     def volumeInViews(self):
-        """The background volume of the red slice view (what the user is looking at), if any."""
-        composite = slicer.mrmlScene.GetNodeByID("vtkMRMLSliceCompositeNodeRed")
-        volumeId = composite.GetBackgroundVolumeID() if composite else None
-        return slicer.mrmlScene.GetNodeByID(volumeId) if volumeId else None
+        """The background volume the user is looking at (Red view first, then any slice view), if any."""
+        composites = sorted(self._compositeNodes(), key=lambda c: c.GetLayoutName() != "Red")
+        for composite in composites:
+            volume = slicer.mrmlScene.GetNodeByID(composite.GetBackgroundVolumeID() or "")
+            if volume is not None:
+                return volume
+        return None
+
+    @staticmethod
+    def isHeatmap(volumeNode) -> bool:
+        return bool(volumeNode.GetAttribute("MedPruner.Role"))
+
+    def compositeNodesFor(self, views: str):
+        """Slice composite nodes for the Overlay's "In views" choice (None: the views showing the input)."""
+        if views == "input":
+            return None
+        if views == "all":
+            return self._compositeNodes()
+        return [c for c in self._compositeNodes() if c.GetLayoutName() == views] or None
+
+    def sliceNodeForJump(self, result):
+        """The slice view for next/previous kept slice: among the views showing the input, the one whose
+        normal is closest to the result's slice axis (so each step lands on the next kept slice)."""
+        sliceNodes = {n.GetLayoutName(): n for n in slicer.util.getNodesByClass("vtkMRMLSliceNode")}
+        inputId = result.input_volume.GetID() if result.input_volume is not None else None
+        showing = [sliceNodes[c.GetLayoutName()] for c in self._compositeNodes()
+                   if c.GetLayoutName() in sliceNodes and inputId and inputId in
+                   (c.GetBackgroundVolumeID(), c.GetForegroundVolumeID())]
+        return display.best_slice_node(result, showing) if showing else None
 
     def results(self):
         return find_results(slicer.mrmlScene)
+
+    def removeResult(self, result):
+        """Restore the views, remove the result (shared heatmaps only with their last answer); the next answer to show."""
+        display.hide_result(slicer.mrmlScene, result)
+        volume = result.input_volume
+        remove_result(slicer.mrmlScene, result.answer)
+        remaining = conversation(slicer.mrmlScene, volume) if volume is not None else []
+        return remaining[-1].result.answer if remaining else None
 
     @staticmethod
     def conversationHtml(volumeNode, currentAnswer=None) -> str:
@@ -546,49 +839,51 @@ class MedPrunerSlicerLogic(ScriptedLoadableModuleLogic):
         return text
 
     def showChart(self, chartNode) -> None:
+        """Switch to a layout with a plot view showing `chartNode` (only when the user asks: Show plots)."""
         if chartNode is not None and hasattr(slicer.modules, "plots"):
             slicer.modules.plots.logic().ShowChartInLayout(chartNode)
 
-    @staticmethod
-    def answerHtml(report) -> str:
-        import html
+    # server: every HTTP call in a worker
+    def startConnectionCheck(self, onDone, onError) -> bool:
+        """Test connection in the background (health, and the token when the server needs one).
+        False when a check is already running."""
+        if self.checks.running:
+            return False
+        client = self.client()
 
-        slices, tokens, timings = report["slices"], report["tokens"], report.get("timings_s", {})
-        rows = [
-            (_("Slices kept"), f"{slices['kept']} / {slices['sent']}"),
-            (_("Visual tokens kept"), (f"{tokens['kept_visual']} / {tokens['total_visual']} "
-                                       f"({100.0 * float(tokens['retention']):.1f} %)")),
-            (_("Time"), ", ".join(f"{k} {float(v):.2f} s" for k, v in timings.items())),
-            (_("Model"), str(report.get("model_id", ""))),
-        ]
-        body = "".join(f"<tr><td><b>{html.escape(k)}</b></td><td>{html.escape(v)}</td></tr>" for k, v in rows)
-        return (f"<p><b>{html.escape(report['question'])}</b></p><p>{html.escape(report['answer'])}</p>"
-                f"<table>{body}</table>")
+        def done(info):
+            self._everConnected = True
+            onDone(info)
 
-    @staticmethod
-    def compareRows(report):
-        unpruned = report.get("unpruned")
-        if not unpruned:
-            return []
-        counts = unpruned.get("counts", {})
-        pruned_t, unpruned_t = report.get("timings_s", {}), unpruned.get("timings_s", {})
-        return [
-            (_("Answer"), report["answer"], unpruned.get("answer", "")),
-            (_("Visual tokens"), f"{report['tokens']['kept_visual']} / {report['tokens']['total_visual']}",
-             f"{counts.get('visual_tokens_kept', '?')} / {counts.get('visual_tokens_total', '?')}"),
-            (_("Total time"), f"{float(pruned_t.get('total', 0.0)):.2f} s", f"{float(unpruned_t.get('total', 0.0)):.2f} s"),
-            (_("Prefill time"), f"{float(pruned_t.get('prefill', 0.0)):.2f} s",
-             f"{float(unpruned_t.get('prefill', 0.0)):.2f} s"),
-        ]
+        self.checks.start(lambda ctx: client.check_token(), on_done=done, on_error=onError)
+        return True
 
-    # server
-    def testConnection(self) -> dict:
-        return self.client().check_token()
+    def startReadinessProbe(self, onReady, onNotYet) -> None:
+        """Ask the local server's health in the background (skipped while the previous probe runs)."""
+        if self.probes.running:
+            return
+        client = MedPrunerClient(self.preferences.server_url, self.preferences.token, timeout=2.0)
+
+        def ready(info):
+            self._everConnected = True
+            onReady(info)
+
+        self.probes.start(lambda ctx: client.check_token(), on_done=ready, on_error=onNotYet)
+
+    def pollTasks(self) -> bool:
+        """Deliver finished checks, probes and install progress (main thread). True while any still runs."""
+        busy = self.checks.drain()
+        busy = self.probes.drain() or busy
+        busy = self.installs.drain() or busy
+        return busy
 
     @staticmethod
     def describeHealth(info: dict) -> str:
         parts = [str(info.get(k)) for k in ("model_id", "device", "version") if info.get(k)]
-        return ", ".join(parts) or json.dumps(info)[:200]
+        text = ", ".join(parts) or json.dumps(info)[:200]
+        if info.get("demo_model"):
+            text += " " + _("(demo model: random weights, meaningless answers)")
+        return text
 
     @staticmethod
     def pythonExecutable() -> str:
@@ -599,8 +894,17 @@ class MedPrunerSlicerLogic(ScriptedLoadableModuleLogic):
         candidate = os.path.join(slicer.app.slicerHome, "bin", "PythonSlicer" + (".exe" if os.name == "nt" else ""))
         return candidate if os.path.exists(candidate) else sys.executable
 
-    def ensureServerDependencies(self) -> bool:
-        """Install what the local server needs after one confirmation. False if the user declined."""
+    @staticmethod
+    def slicerVersion() -> tuple:
+        return (int(slicer.app.majorVersion), int(slicer.app.minorVersion))
+
+    def localServerSupport(self):
+        """Can this Slicer run the local server (its Python version), said before anything is installed."""
+        return support.local_server_support(tuple(sys.version_info[:2]), self.slicerVersion())
+
+    def installSteps(self) -> list:
+        """What must be installed for the local server (empty when nothing is missing). Raises SettingsError
+        when a package Slicer ships is too old (it is never replaced)."""
         bad_bundled = local_server.missing_requirements(local_server.SLICER_BUNDLED)
         if bad_bundled:
             listing = ", ".join(f"{req} (found {ver or 'none'})" for req, ver in bad_bundled)
@@ -610,83 +914,56 @@ class MedPrunerSlicerLogic(ScriptedLoadableModuleLogic):
         missing = [req for req, _ver in local_server.missing_requirements(local_server.ENGINE_REQUIREMENTS)]
         torchMissing = bool(local_server.missing_requirements([local_server.TORCH_REQUIREMENT]))
         if not missing and not torchMissing:
-            return True
-        listing = "\n".join(["  " + r for r in ([local_server.TORCH_REQUIREMENT + _(" (PyTorch extension)")] if torchMissing else []) + missing])
-        if not slicer.util.confirmOkCancelDisplay(
-                _("The local server needs these Python packages, which will be downloaded and installed "
-                  "into Slicer's Python (this can take several minutes and a few GB for PyTorch):\n{listing}")
-                .format(listing=listing), windowTitle=_("Install MedPruner server dependencies")):
-            return False
-        if torchMissing:
-            self._installTorch()
-        if missing:
-            self._pipInstall(missing)
-        return True
+            return []
+        # pip may never replace a package Slicer ships: pin the installed versions for every pip call
+        constraints = os.path.join(slicer.app.temporaryPath, "MedPruner-constraints.txt")
+        with open(constraints, "w", encoding="utf-8") as handle:
+            handle.write("\n".join(local_server.bundled_constraints()) + "\n")
+        return installer.install_plan(self.pythonExecutable(), missing, torchMissing,
+                                      pip_args=("--constraint", constraints))
+
+    def startInstall(self, steps, onDone, onError) -> None:
+        """Run the install steps in child processes (never on the main thread); progress via installStatus()."""
+        # Slicer's own pip_install runs PythonSlicer in Slicer's process environment: the same here.
+        self.installs.start(steps, None, on_done=onDone, on_error=onError)
+
+    def installStatus(self) -> str:
+        return self.installs.status_text()
+
+    def cancelInstall(self) -> None:
+        self.installs.cancel()
 
     @staticmethod
-    def _installTorch() -> None:
-        try:
-            import PyTorchUtils
-        except ModuleNotFoundError:
-            manager = slicer.app.extensionsManagerModel()
-            if hasattr(manager, "downloadAndInstallExtensionByName") and slicer.util.confirmOkCancelDisplay(
-                    _("PyTorch is installed through the PyTorch extension, which is not installed. Install it now? "
-                      "Slicer must be restarted afterwards; then press Start local server again.")):
-                manager.downloadAndInstallExtensionByName("PyTorch", True, True)
-                slicer.util.restart() if slicer.util.confirmYesNoDisplay(_("Restart Slicer now?")) else None
-            raise SettingsError(_("The PyTorch extension is needed to start a local server."),
-                                _("Install 'PyTorch' from the Extensions Manager, restart Slicer, and try again."))
-        # Called when torch is missing or too old (torchInstalled() would only say it imports).
-        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=">=2.4,<3")
-        if torch is None:
-            raise SettingsError(_("PyTorch was not installed."), _("Install it from the PyTorch Utils module."))
+    def startupEnvironment() -> dict:
+        """The environment Slicer was started with (not the launcher's), for the child processes."""
+        if hasattr(slicer.util, "startupEnvironment"):
+            return dict(slicer.util.startupEnvironment())
+        return dict(os.environ)
 
-    @staticmethod
-    def _pipInstall(requirements) -> None:
-        import subprocess
-
-        try:
-            import slicer.packaging as packaging   # Slicer 5.12+; not imported by `import slicer`
-        except ImportError:
-            packaging = None
-        try:
-            if packaging is not None and hasattr(packaging, "pip_ensure"):
-                # The user already confirmed the list above: no second dialog.
-                packaging.pip_ensure(list(requirements), prompt_install=False, requester="MedPrunerSlicer")
-            else:
-                slicer.util.pip_install(" ".join(f'"{r}"' for r in requirements))
-        except (subprocess.CalledProcessError, RuntimeError) as exc:
-            output = "\n".join(str(x) for x in (getattr(exc, "output", None), getattr(exc, "stderr", None)) if x)
-            raise SettingsError(_("Installing the server's Python packages failed."),
-                                _("Check the network connection (or proxy settings) and try again; the pip output "
-                                  "below says which package failed."),
-                                details=output or str(exc)) from exc
-
-    def startLocalServer(self, model: str) -> None:
-        """Start `medpruner serve` on 127.0.0.1 (the tiny demo model when `model` is empty), in the background."""
+    def startLocalServer(self, model: str) -> str:
+        """Start `medpruner serve` on 127.0.0.1 (the tiny demo model when `model` is empty), in the background.
+        Returns a note for the user when the usual port was taken (empty otherwise)."""
         url = normalize_server_url(self.preferences.server_url)
-        port = int(url.rsplit(":", 1)[-1]) if url.startswith("http://127.0.0.1:") else DEFAULT_PORT
+        preferred = int(url.rsplit(":", 1)[-1]) if url.startswith("http://127.0.0.1:") else DEFAULT_PORT
+        port, note = self.localServer.prepare_port(preferred)
         self.preferences.server_url = f"http://127.0.0.1:{port}"
         command = local_server.server_command(self.pythonExecutable(), model.strip() or local_server.TINY_MODEL, port)
-        self.localServer.start(command, local_server.server_environment())
+        self.localServer.start(command, local_server.server_environment(self.startupEnvironment()))
+        return note
 
-    def localServerState(self) -> tuple[str, str]:
-        if not self.localServer.is_running():
-            code = self.localServer.exit_code
-            return ("failed" if code not in (None, 0) else "stopped",
-                    _("The local server exited (code {code}); open its log for details.").format(code=code))
-        try:
-            info = self.testConnection()
-        except MedPrunerSlicerError:
-            return "starting", _("Starting the server (loading the model)...")
-        return "ready", _("Local server ready: {info}").format(info=self.describeHealth(info))
+    def localServerProcessState(self) -> str:
+        """"running", "stopped" (exit code 0 or never started) or "failed": the process only, no HTTP."""
+        if self.localServer.is_running():
+            return "running"
+        return "failed" if self.localServer.exit_code not in (None, 0) else "stopped"
 
     def stopLocalServer(self) -> None:
         self.localServer.stop()
 
     def shutdown(self) -> None:
-        """Cancel the running question and stop the local server (module cleanup, application quit)."""
+        """Cancel the running question and installs, stop the local server (module cleanup, application quit)."""
         self.session.cancel()
+        self.cancelInstall()
         self.session.runner.join(2.0)
         self.localServer.stop()
 
@@ -746,11 +1023,14 @@ class MedPrunerSlicerTest(ScriptedLoadableModuleTest):
         logic.preferences.server_url = "http://127.0.0.1:18765"
         logic.startLocalServer("")
         try:
+            ready = []
             deadline = time.monotonic() + 300
-            while logic.localServerState()[0] == "starting" and time.monotonic() < deadline:
+            while not ready and logic.localServerProcessState() == "running" and time.monotonic() < deadline:
+                logic.startReadinessProbe(ready.append, lambda exc: None)
+                logic.pollTasks()
                 slicer.app.processEvents()
                 time.sleep(0.5)
-            self.assertEqual(logic.localServerState()[0], "ready", logic.localServer.log_tail())
+            self.assertTrue(ready, logic.localServer.log_tail())
             volume = self._sampleVolume()
             before = volume_fingerprint(volume)
             done = []
@@ -765,9 +1045,11 @@ class MedPrunerSlicerTest(ScriptedLoadableModuleTest):
             self.assertEqual(len(done), 2)
             result = done[0]
             self.assertEqual(volume_fingerprint(volume), before)
-            display.show_result(slicer.mrmlScene, result, "both", 0.6)
+            display.show_result(slicer.mrmlScene, result, "both", 0.6, style="outline")
             self.assertEqual(result.attention.GetImageData().GetDimensions(), volume.GetImageData().GetDimensions())
             self.assertTrue(done[1].report["prefix_reused"], "the follow-up did not reuse the prepared volume")
+            self.assertIs(done[1].attention, done[0].attention, "the follow-up copied the heatmaps")
+            display.hide_result(slicer.mrmlScene)
             self.assertIn("Where is it?", logic.conversationHtml(volume, done[1].answer))
             self.delayDisplay("Tiny model end to end (question and follow-up) passed")
         finally:

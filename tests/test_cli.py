@@ -56,6 +56,7 @@ def test_demo_runs_end_to_end_as_a_fresh_user_would(tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "no temporary files may remain"
     report = json.loads((out / "report.json").read_text())
     assert report["schema"] == "medpruner.report/1"
+    assert report["demo_model"] is True and "DEMO MODEL" in proc.stdout   # random weights are said, every time
     sample = sitk.ReadImage(str(out / "sample_ct.nrrd"))
     kept = sitk.ReadImage(str(out / "heatmap_kept.nrrd"))
     attention = sitk.ReadImage(str(out / "heatmap_attention.nrrd"))
@@ -226,3 +227,16 @@ def test_oversized_header_is_refused_before_reading_voxels(tmp_path, capsys):
     (tmp_path / "huge.raw").write_bytes(b"\0" * 1024)
     assert main(["ask", str(header), "Where?", "--model", "x", "--out", str(tmp_path / "out")]) == 2
     assert "4096" in capsys.readouterr().err
+
+
+def test_a_real_checkpoint_is_not_flagged_as_the_demo_model(tiny_qwen3_vl, tmp_path):
+    """Only the checkpoint medpruner.tiny built (it carries MEDPRUNER_TINY.txt) is called the demo model."""
+    import shutil
+
+    from medpruner import MedPruner
+
+    copy = tmp_path / "ckpt"
+    shutil.copytree(tiny_qwen3_vl, copy)
+    (copy / "MEDPRUNER_TINY.txt").unlink()
+    assert MedPruner.from_pretrained(tiny_qwen3_vl).is_demo_model is True
+    assert MedPruner.from_pretrained(copy).is_demo_model is False

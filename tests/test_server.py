@@ -151,6 +151,7 @@ def test_health_needs_no_token_and_says_what_runs(server):
     health = server.get("/v1/health").json()
     assert health["model_family"] == "qwen3_vl" and health["device"] == "cpu" and health["auth"] is True
     assert {"model_id", "dtype", "version", "queue_length"} <= set(health)
+    assert health["demo_model"] is True   # the tiny checkpoint: clients flag its answers as meaningless
 
 
 def test_refuses_a_network_address_without_a_token(tiny_qwen3_vl):

@@ -1,16 +1,11 @@
-"""Server address rules, consent, the HTTP client's errors, the worker thread, the local server process."""
+"""Server address rules, consent, the HTTP client's errors, the worker thread (local server: test_slicer_local_server.py)."""
 from __future__ import annotations
 
-import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
-from MedPrunerSlicerLib import local_server
 from MedPrunerSlicerLib.client import MedPrunerClient, build_params
 from MedPrunerSlicerLib.errors import (
     AuthenticationError,
@@ -246,58 +241,3 @@ def test_runner_delivers_events_in_order_and_errors_on_the_draining_thread():
     assert seen == [0, 1, 2, "boom"]
     with pytest.raises(RuntimeError):
         runner.start(job) if runner.running else (_ for _ in ()).throw(RuntimeError("not running"))
-
-
-# -- local server ---------------------------------------------------------------------------------
-def test_server_command_and_environment():
-    cmd = local_server.server_command("/py", "/models/qwen", 9000)
-    assert cmd == ["/py", "-m", "medpruner", "serve", "--model", "/models/qwen", "--host", "127.0.0.1", "--port", "9000"]
-    tiny = local_server.server_command("/py", local_server.TINY_MODEL, 9000, token_file="/t")
-    assert tiny[1] == "-c" and tiny[-2:] == ["--token-file", "/t"]
-    env = local_server.server_environment({"PYTHONPATH": "/x"})
-    assert env["PYTHONPATH"].split(os.pathsep) == [str(local_server.engine_dir()), "/x"]
-    assert (local_server.engine_dir() / "medpruner" / "__init__.py").exists()
-
-
-def test_missing_requirements_are_found_without_touching_anything():
-    versions = {"transformers": "5.6.0", "tokenizers": "0.20.0"}
-
-    def version_of(name):
-        if name not in versions:
-            raise LookupError(name)
-        return versions[name]
-
-    missing = dict(local_server.missing_requirements(["transformers>=5.5,<6", "tokenizers>=0.21", "uvicorn>=0.29"],
-                                                     version_of))
-    assert missing == {"tokenizers>=0.21": "0.20.0", "uvicorn>=0.29": None}
-
-
-@pytest.mark.skipif(sys.platform == "win32", reason="POSIX process groups")
-def test_stop_ends_the_whole_process_tree(tmp_path):
-    script = ("import subprocess, sys, time\n"
-              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
-              "print(child.pid, flush=True)\n"
-              "time.sleep(60)\n")
-    server = local_server.LocalServer(tmp_path)
-    server.start([sys.executable, "-c", script])
-    deadline = time.monotonic() + 10
-    while not server.log_tail().strip():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    child = int(server.log_tail().split()[0])
-    assert server.is_running()
-    server.stop(timeout=5)
-    assert not server.is_running()
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            os.kill(child, 0)
-        except ProcessLookupError:
-            break
-        # a zombie (exited, not yet reaped by init) counts as gone
-        status = subprocess.run(["ps", "-o", "stat=", "-p", str(child)], capture_output=True, text=True).stdout
-        if not status.strip() or status.strip().startswith("Z"):
-            break
-        assert time.monotonic() < deadline, "the server's child process survived stop()"
-        time.sleep(0.05)
-    assert json.dumps(server.command)

@@ -1,4 +1,4 @@
-"""Scene logic on real MRML nodes (slicer-core): export geometry, result nodes, display, .mrb, rendering."""
+"""Scene logic on real MRML nodes (slicer-core): export geometry, result nodes, .mrb (display: test_slicer_display.py)."""
 from __future__ import annotations
 
 import json
@@ -261,8 +261,14 @@ def test_table_chart_and_text_contents(asked):
     sh = subject_hierarchy(result.answer.GetScene())
     assert sh.GetItemName(result.folder_item) == report["question"]
     assert sh.GetItemAttribute(result.folder_item, "MedPruner.Result") == "1"
-    for node in result.nodes():
+    for node in result.own_nodes():
         assert sh.GetItemParent(sh.GetItemByDataNode(node)) == result.folder_item
+    # the heatmaps, which follow-ups may share, are beside the answers' folders, named after the input
+    heatmaps_folder = sh.GetItemParent(sh.GetItemByDataNode(result.attention))
+    assert sh.GetItemName(heatmaps_folder) == "MedPruner heatmaps"
+    assert sh.GetItemParent(heatmaps_folder) == sh.GetItemParent(result.folder_item)
+    assert sh.GetItemParent(sh.GetItemByDataNode(result.decisions)) == heatmaps_folder
+    assert result.attention.GetName() == "oblique phantom attention"
 
 
 def test_a_result_that_does_not_fit_the_input_leaves_nothing_behind(asked):
@@ -326,126 +332,32 @@ def test_past_questions_stay_and_show_again(stub):
     second = _ask(scene, volume, stub.url, "Second question?", enabled=False)
     assert [r.question for r in find_results(scene)] == ["First question?", "Second question?"]
     view = SliceRenderer(scene)
-    display.show_result(scene, first, "both", 0.5)
+    display.show_result(scene, first, "both", 0.5, style="filled")
     assert view.composite.GetForegroundVolumeID() == first.attention.GetID()
     assert view.composite.GetLabelVolumeID() == first.decisions.GetID()
     assert view.composite.GetBackgroundVolumeID() == volume.GetID()
-    display.show_result(scene, second, "decisions", 0.3)
+    display.show_result(scene, second, "decisions", 0.3, style="filled")
     assert view.composite.GetForegroundVolumeID() is None
     assert view.composite.GetLabelVolumeID() == second.decisions.GetID()
     assert view.composite.GetLabelOpacity() == pytest.approx(0.3)
     display.set_opacity(scene, 0.8)
-    assert view.composite.GetForegroundOpacity() == pytest.approx(0.8)
+    assert view.composite.GetLabelOpacity() == pytest.approx(0.8)
     assert second.report["config"]["enabled"] is False
 
 
-# -- rendering ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def rendered(stub):
-    """The demo phantom (full size), answered, shown in an offscreen axial slice view."""
-    import SimpleITK as sitk
-    from medpruner.phantom import make_phantom_ct
+def test_heatmap_downloads_show_bytes_and_rate(stub):
+    """The heatmaps come in chunks with the same progress as the upload (a slow link shows it moving)."""
+    import re
 
-    image = make_phantom_ct((32, 128, 128))
-    array = sitk.GetArrayFromImage(image)
-    spacing, origin = image.GetSpacing(), image.GetOrigin()
-    ijk_to_ras = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
-    ijk_to_ras[:3, 3] = (-origin[0], -origin[1], origin[2])
     scene = make_scene()
-    volume = add_volume(scene, array, ijk_to_ras, "phantom")
-    volume.GetDisplayNode().AutoWindowLevelOff()
-    volume.GetDisplayNode().SetWindowLevel(400, 40)
-    result = _ask(scene, volume, stub.url, "Is there a liver lesion?")
-    view = SliceRenderer(scene)
-    return scene, volume, result, view
-
-
-def _render_at(view, result, volume, voxel_k, mode):
-    display.show_result(view.composite.GetScene(), result, mode, 0.6, [view.composite])
-    view.fit()
-    ras = ijk_to_ras_array(volume) @ np.array([0, 0, voxel_k, 1.0])
-    view.logic.SetSliceOffset(ras[2])
-    return view.render()
-
-
-def test_offscreen_render_shows_kept_tokens_and_dropped_slices_differently(rendered, tmp_path):
-    import slicer
-    from PIL import Image
-
-    scene, volume, result, view = rendered
-    report = result.report
-    rows = report["slices"]["per_slice"]
-    kept_k = next(r["voxel_index"] for r in rows if r["kept"] and r["tokens_kept"] < r["tokens_total"])
-    dropped = [r["voxel_index"] for r in rows if not r["kept"]]
-    assert dropped, "the phantom has repeated slices the filter must drop"
-    labels = slicer.util.arrayFromVolume(result.decisions)
-
-    plain = {}
-    for k in (kept_k, dropped[0]):
-        display.show_result(scene, result, "none", 0.6, [view.composite])
-        view.fit()
-        view.logic.SetSliceOffset((ijk_to_ras_array(volume) @ np.array([0, 0, k, 1.0]))[2])
-        plain[k] = view.render().astype(float)
-    kept_img = _render_at(view, result, volume, kept_k, "decisions")
-    Image.fromarray(kept_img).save(tmp_path / "kept.png")
-    dropped_img = _render_at(view, result, volume, dropped[0], "decisions")
-    Image.fromarray(dropped_img).save(tmp_path / "dropped.png")
-
-    # Map every rendered pixel of the kept slice back to its voxel label.
-    def labels_on_view(k):
-        ras_to_ijk = np.linalg.inv(ijk_to_ras_array(volume))
-        xy_to_ras = view.slice_node.GetXYToRAS()
-        m = np.array([[xy_to_ras.GetElement(r, c) for c in range(4)] for r in range(4)])
-        size = view.size
-        yy, xx = np.mgrid[0:size, 0:size]
-        xy = np.stack([xx.ravel(), (size - 1 - yy).ravel(), np.zeros(size * size), np.ones(size * size)])
-        continuous = (ras_to_ijk @ m @ xy)[:3]
-        ijk = np.rint(continuous).astype(int)
-        dims = np.array(labels.shape[::-1])[:, None]
-        inside = np.all((ijk >= 0) & (ijk < dims), axis=0)
-        far_outside = np.any((continuous < -1.5) | (continuous > dims + 0.5), axis=0)
-        out = np.full(size * size, -2)
-        out[far_outside] = -1
-        out[inside] = labels[ijk[2, inside], ijk[1, inside], ijk[0, inside]]
-        return out.reshape(size, size)
-
-    view.logic.SetSliceOffset((ijk_to_ras_array(volume) @ np.array([0, 0, kept_k, 1.0]))[2])
-    on_kept = labels_on_view(kept_k)
-    tint_kept = (kept_img.astype(float) - plain[kept_k])[on_kept == 4].mean(axis=0)
-    tint_pruned = (kept_img.astype(float) - plain[kept_k])[on_kept == 2].mean(axis=0)
-    view.logic.SetSliceOffset((ijk_to_ras_array(volume) @ np.array([0, 0, dropped[0], 1.0]))[2])
-    on_dropped = labels_on_view(dropped[0])
-    assert (on_dropped == 1).mean() > 0.5
-    tint_dropped = (dropped_img.astype(float) - plain[dropped[0]])[on_dropped == 1].mean(axis=0)
-    # kept tokens are tinted red, pruned ones blue, a dropped slice grey (no hue)
-    assert tint_kept[0] > tint_kept[1] + 20 and tint_kept[0] > tint_kept[2] + 20
-    assert tint_pruned[2] > tint_pruned[0] + 10
-    assert np.ptp(tint_dropped) < 0.25 * np.abs(tint_dropped).max() + 2
-    assert np.linalg.norm(tint_kept - tint_dropped) > 40
-    # well outside the volume the overlay changes nothing
-    assert np.array_equal(kept_img[on_kept == -1], plain[kept_k][on_kept == -1].astype(np.uint8))
-    # a slice that was not sent to the model (label 0) is left as it is
-    labels_zero = np.zeros_like(labels)
-    import slicer as _slicer
-
-    original = labels.copy()
-    _slicer.util.updateVolumeFromArray(result.decisions, labels_zero)
-    try:
-        untouched = _render_at(view, result, volume, kept_k, "decisions")
-    finally:
-        _slicer.util.updateVolumeFromArray(result.decisions, original)
-    assert np.array_equal(untouched, plain[kept_k].astype(np.uint8))
-
-
-def test_jump_to_next_and_previous_kept_slice(rendered):
-    _scene, volume, result, view = rendered
-    kept = result.report["slices"]["kept_voxel_indices"]
-    m = ijk_to_ras_array(volume)
-    z_of = lambda k: (m @ np.array([0, 0, k, 1.0]))[2]
-    view.logic.SetSliceOffset(z_of(0) - 10.0)
-    visited = []
-    while (index := display.jump_to_kept_slice(result, view.slice_node, +1)) is not None:
-        visited.append(index)
-        assert view.logic.GetSliceOffset() == pytest.approx(z_of(kept[index]), abs=1e-6)
-    assert visited == list(range(len(kept)))
-    assert display.jump_to_kept_slice(result, view.slice_node, -1) == len(kept) - 2
+    volume = add_volume(scene, _phantom(), AXIAL)
+    stages, done, errors = [], [], []
+    session = AskSession(scene, lambda: MedPrunerClient(stub.url), on_done=done.append, on_error=errors.append,
+                         on_progress=lambda *event: stages.append(event), poll_interval=0.02)
+    session.start(volume, build_params("Where?", max_new_tokens=2))
+    session.wait(60)
+    assert not errors and len(done) == 1
+    receiving = [(fraction, text) for stage, fraction, text in stages if text.startswith("Receiving the heatmaps:")]
+    assert len(receiving) >= 2, stages     # at least the end of each of the two heatmaps
+    assert all(re.fullmatch(r"Receiving the heatmaps: \d+\.\d / \d+\.\d MB \(\d+\.\d MB/s\)", t) for _f, t in receiving)
+    assert receiving[-1][0] == 1.0

@@ -3,6 +3,7 @@
 One job per module:
 
 - `errors`        exceptions with a message (what happened) and a hint (what to do)
+- `answer_view`   the Answer section's HTML: answer first, plain-words details, demo flag, research notice
 - `nrrd_io`       NRRD bytes <-> numpy array + IJK-to-RAS matrix (pure Python + numpy, RAS <-> LPS)
 - `volume_export` volume node -> checked snapshot -> NRRD bytes (only voxels and geometry leave)
 - `settings`      server URL normalisation, local/remote rule, consent, the preference keys
@@ -13,6 +14,8 @@ One job per module:
 - `display`       heatmaps over the input in the slice views, opacity, next/previous kept slice
 - `conversation`  the questions asked about a volume (from the scene) and the prepared volume a follow-up reuses
 - `ask`           one question end to end: snapshot, reuse or upload, worker, progress callbacks, nodes
-- `local_server`  "start a local server": requirements, command line, process tree start/stop, log
+- `support`       which Slicer versions can do what (5.8: remote server only; 5.10+: local server too)
+- `installer`     the local server's packages installed in child processes, with progress and cancel
+- `local_server`  "start a local server": requirements, command line, process tree start/stop, leftovers, log
 - `scene_utils`   small MRML helpers (nodes by class, subject-hierarchy folders)
 """

@@ -6,8 +6,11 @@ thread then fingerprints the copy; when an earlier answer prepared exactly these
 settings, it names that `volume_id` instead of sending the voxels (a follow-up: the server answers
 from the cached pruned prefix), and falls back to sending the volume when the server no longer holds
 it (`unknown_volume`) or refuses the settings (`settings_mismatch`). Otherwise it encodes the NRRD and
-submits it. It polls the job's stage and progress, downloads the report and both heatmaps and decodes
-them (numpy only). Back on the main thread (`poll()`, called from a timer), the result nodes are
+submits it in chunks: the progress says the bytes sent, the total and the rate ("Sending the volume:
+12.3 / 45.0 MB (3.1 MB/s)", at most ~10 updates a second), and Cancel stops the upload mid-body.
+It polls the job's stage and progress, downloads the report and, unless the scene already holds
+them for this prepared volume (a follow-up shares them), both heatmaps in chunks with the same
+progress and Cancel, and decodes them (numpy only). Back on the main thread (`poll()`, called from a timer), the result nodes are
 created and shown. Progress, completion and errors reach the caller through callbacks; this module
 never touches widgets.
 
@@ -46,6 +49,7 @@ STAGE_TEXT = {
     "download": "Receiving the result",
 }
 RESEND_TEXT = "The server no longer holds the prepared volume; sending it again"
+DOWNLOAD_TEXT = "Receiving the heatmaps"   # + ": 12.3 / 45.0 MB (3.1 MB/s)" (`_transfer_progress`)
 
 # Server error codes meaning "this volume_id cannot be used": send the volume instead.
 STALE_VOLUME_CODES = ("unknown_volume", "settings_mismatch")
@@ -55,8 +59,8 @@ STALE_VOLUME_CODES = ("unknown_volume", "settings_mismatch")
 class AskOutcome:
     job_id: str
     report: dict[str, Any]
-    kept: tuple
-    attention: tuple
+    kept: tuple | None        # None: not downloaded, the scene's heatmaps of this prepared volume are shared
+    attention: tuple | None
     fingerprint: str = ""
     volume_sent: bool = True
     upload_s: float = 0.0                       # encoding + sending the volume (0 when it was not sent)
@@ -84,14 +88,41 @@ def _check_cancel(ctx: JobContext, client: MedPrunerClient, job_id: str | None =
         raise JobCancelled("The question was cancelled.", "")
 
 
+def _transfer_text(label: str, done: int, total: int, seconds: float) -> str:
+    """"Sending the volume: 12.3 / 45.0 MB (3.1 MB/s)" (no total when the server did not say one)."""
+    amount = f"{done / 1e6:.1f} / {total / 1e6:.1f} MB" if total else f"{done / 1e6:.1f} MB"
+    rate = f" ({done / seconds / 1e6:.1f} MB/s)" if seconds > 0 else ""
+    return f"{label}: {amount}{rate}"
+
+
+def _transfer_progress(ctx: JobContext, stage: str, label: str,
+                       min_interval: float = 0.1) -> Callable[[int, int, float], None]:
+    """A client `progress` callback emitting (stage, fraction, text) at most every `min_interval` s, and
+    always at the end: a live bar and rate on a slow link without flooding the main thread's queue."""
+    last = [float("-inf")]
+
+    def report(done: int, total: int, seconds: float) -> None:
+        now = time.monotonic()
+        if (total and done >= total) or now - last[0] >= min_interval:
+            last[0] = now
+            fraction = min(done / total, 1.0) if total else None
+            ctx.emit("progress", (stage, fraction, _transfer_text(label, done, total, seconds)))
+
+    return report
+
+
 def _submit(ctx: JobContext, client: MedPrunerClient, data: bytes | None, params: dict[str, Any],
             busy_retries: int) -> tuple[dict[str, Any], float]:
-    """POST the job, waiting out a busy server; returns (reply, seconds the accepted request took)."""
+    """POST the job, waiting out a busy server; returns (reply, seconds the accepted request took).
+
+    The volume's bytes and rate show as they go; Cancel stops the upload mid-body (JobCancelled)."""
     attempt = 0
     while True:
         started = time.monotonic()
+        progress = _transfer_progress(ctx, "upload", STAGE_TEXT["upload"]) if data is not None else None
         try:
-            return client.submit(data, params), time.monotonic() - started
+            return (client.submit(data, params, progress=progress, cancelled=lambda: ctx.cancelled),
+                    time.monotonic() - started)
         except ServerBusy as exc:
             if attempt == busy_retries:
                 raise
@@ -119,11 +150,21 @@ def _follow(ctx: JobContext, client: MedPrunerClient, submitted: dict[str, Any],
 
 
 def _download(ctx: JobContext, client: MedPrunerClient, job_id: str, **outcome: Any) -> AskOutcome:
+    """The report and, unless the scene already holds them, both heatmaps (None when skipped).
+
+    A follow-up answered from a prepared volume whose heatmaps the input already has (its volume_id in
+    `ctx.shared_volume_ids`, set by `AskSession.start`) shares those nodes: downloading and decoding
+    hundreds of MB again would only make a copy."""
     ctx.emit("progress", ("download", 1.0, STAGE_TEXT["download"]))
     report = client.result(job_id)
-    kept = decode_nrrd(client.heatmap(job_id, "kept"))
+    if report.get("prefix_reused") and str(report.get("volume_id") or "") in getattr(ctx, "shared_volume_ids", ()):
+        return AskOutcome(job_id=job_id, report=report, kept=None, attention=None, **outcome)
+    kept = decode_nrrd(client.heatmap(job_id, "kept", progress=_transfer_progress(ctx, "download", DOWNLOAD_TEXT),
+                                      cancelled=lambda: ctx.cancelled))
     _check_cancel(ctx, client)
-    attention = decode_nrrd(client.heatmap(job_id, "attention"))
+    attention = decode_nrrd(client.heatmap(job_id, "attention",
+                                           progress=_transfer_progress(ctx, "download", DOWNLOAD_TEXT),
+                                           cancelled=lambda: ctx.cancelled))
     return AskOutcome(job_id=job_id, report=report, kept=kept, attention=attention, **outcome)
 
 
@@ -189,7 +230,9 @@ class AskSession:
         """Check and copy the volume (raises VolumeExportError at once), then run the job in the background.
 
         With `reuse`, a volume this server already prepared with these settings (recorded on an earlier
-        answer about `volume_node`) is asked about without sending its voxels again.
+        answer about `volume_node`) is asked about without sending its voxels again. Heatmaps the scene
+        already holds for the prepared volume the server answers from are not downloaded again: the new
+        answer shares them (`result_nodes`).
         """
         if self.running:
             raise RuntimeError("A question is already being answered; cancel it first.")
@@ -200,10 +243,17 @@ class AskSession:
         self._input_node = volume_node
         self._settings_key = settings_key(params)
         candidates = reuse_candidates(self.scene, volume_node, client.url, self._settings_key) if reuse else []
+        from .result_nodes import heatmap_volume_ids
+
+        shared = heatmap_volume_ids(self.scene, volume_node, client.url)   # read here: MRML is main-thread only
         self.job_id = None
         self.started_at = time.monotonic()
-        self.runner.start(lambda ctx: run_job(ctx, client, snapshot, params, self.poll_interval, reuse=candidates),
-                          on_event=self._event, on_done=self._done, on_error=self._error)
+
+        def job(ctx: JobContext) -> AskOutcome:
+            ctx.shared_volume_ids = shared   # type: ignore[attr-defined]  # read by _download
+            return run_job(ctx, client, snapshot, params, self.poll_interval, reuse=candidates)
+
+        self.runner.start(job, on_event=self._event, on_done=self._done, on_error=self._error)
 
     def cancel(self) -> None:
         self.runner.cancel()

@@ -126,6 +126,8 @@ def _summary(report: dict[str, Any], out_dir: Path) -> str:
     rows = [
         ("Question", report["question"]),
         ("Answer", report["answer"] or "(empty)"),
+        *([("DEMO MODEL", "random weights: the answer is meaningless (use --model with a real checkpoint)")]
+          if report.get("demo_model") else []),
         ("Model", f"{report['model_id']} ({report['model_family']}, {report['software']['device']}, "
                   f"{report['software']['dtype']})"),
         ("Slices", f"{slices['kept']} kept / {slices['sent']} sent to the model "

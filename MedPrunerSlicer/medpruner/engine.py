@@ -180,6 +180,9 @@ class MedPruner:
     def __init__(self, adapter: ModelAdapter, model_id: str) -> None:
         self.adapter = adapter
         self.model_id = model_id
+        # The tiny random-weight demo checkpoint (medpruner.tiny marks it): its answers are meaningless,
+        # and every report and the server's health say so.
+        self.is_demo_model = Path(model_id, "MEDPRUNER_TINY.txt").is_file()
 
     # -- loading --------------------------------------------------------------------------------
     @classmethod

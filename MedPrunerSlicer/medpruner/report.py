@@ -75,6 +75,7 @@ def build_report(engine, request, stack, result, unpruned=None) -> dict[str, Any
         "answer": result.answer,
         "model_id": engine.model_id,
         "model_family": engine.adapter.family,
+        "demo_model": bool(getattr(engine, "is_demo_model", False)),
         "config": request.pruning.to_dict(),
         "request": {
             "axis": request.axis,

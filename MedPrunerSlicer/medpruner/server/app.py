@@ -79,6 +79,7 @@ def create_app(manager: JobManager, settings: ServerSettings) -> FastAPI:
             "status": "ok",
             "model_id": engine.model_id,
             "model_family": engine.adapter.family,
+            "demo_model": bool(getattr(engine, "is_demo_model", False)),
             "device": str(engine.device),
             "dtype": str(engine.dtype).replace("torch.", ""),
             "version": __version__,
