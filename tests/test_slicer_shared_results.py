@@ -332,10 +332,10 @@ class ReportOnlyClient:
         self.report = report
         self.asked: list = []
 
-    def result(self, job_id: str) -> dict:
+    def result(self, job_id: str, progress=None, cancelled=None) -> dict:
         return self.report
 
-    def heatmap(self, job_id: str, name: str) -> bytes:
+    def heatmap(self, job_id: str, name: str, progress=None, cancelled=None) -> bytes:
         from MedPrunerSlicerLib.nrrd_io import encode_nrrd
 
         self.asked.append(name)
@@ -369,9 +369,9 @@ class CountingClient(MedPrunerClient):
 
     downloads: list = []
 
-    def heatmap(self, job_id: str, name: str) -> bytes:
+    def heatmap(self, job_id: str, name: str, **transfer) -> bytes:
         CountingClient.downloads.append((job_id, name))
-        return super().heatmap(job_id, name)
+        return super().heatmap(job_id, name, **transfer)
 
 
 class Asker:
