@@ -216,6 +216,9 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         for timer in (self._pollTimer, self._serverTimer, self._tasksTimer):
             timer.stop()
+        self._closeInstallDialog()
+        if self.logic:
+            slicer.app.disconnect("aboutToQuit()", self.logic.shutdown)
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
@@ -253,8 +256,8 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
-            volume = self.logic.volumeInViews() or slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if volume and not volume.IsA("vtkMRMLLabelMapVolumeNode") and not self.logic.isHeatmap(volume):
+            volume = self.logic.defaultInputVolume()
+            if volume is not None:
                 self._parameterNode.inputVolume = volume
 
     def setParameterNode(self, inputParameterNode) -> None:
@@ -265,13 +268,20 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
-            for combo, value in ((self.ui.overlayComboBox, self._parameterNode.overlayMode),
-                                 (self.ui.overlayStyleComboBox, self._parameterNode.overlayStyle),
-                                 (self.ui.overlayViewsComboBox, self._parameterNode.overlayViews)):
-                wasBlocked = combo.blockSignals(True)
-                combo.setCurrentIndex(max(combo.findData(value), 0))
-                combo.blockSignals(wasBlocked)
             self._onParameterNodeModified()
+
+    def _syncOverlayCombos(self) -> None:
+        """Combos follow the parameter node (scene load, undo, scripts); an unknown value becomes the default."""
+        node = self._parameterNode
+        for combo, field in ((self.ui.overlayComboBox, "overlayMode"), (self.ui.overlayStyleComboBox, "overlayStyle"),
+                             (self.ui.overlayViewsComboBox, "overlayViews")):
+            value = getattr(node, field)
+            index = combo.findData(value)
+            wasBlocked = combo.blockSignals(True)
+            combo.setCurrentIndex(max(index, 0))
+            combo.blockSignals(wasBlocked)
+            if index < 0:
+                setattr(node, field, combo.itemData(0))
 
     def _fillViewsComboBox(self) -> None:
         combo = self.ui.overlayViewsComboBox
@@ -295,6 +305,8 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- state -> widgets ----------------------------------------------------------------------
     def _onParameterNodeModified(self, caller=None, event=None) -> None:
         node = self._parameterNode
+        if node:
+            self._syncOverlayCombos()
         running = self.logic.running
         hasInput = bool(node and node.inputVolume)
         hasQuestion = bool(node and node.question.strip())
@@ -385,11 +397,15 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Cancelling...")
             return
         self._askWhenServerReady = False
-        with slicer.util.tryWithErrorDisplay(_("Could not ask the question."), waitCursor=True):
+        try:
             self._saveServerFields()
-            url = self.logic.preferences.server_url
-            if self.logic.consent.needs_consent(url) and not self._askConsent(url):
-                return
+        except SettingsError as exc:
+            self._showError(exc)
+            return
+        url = self.logic.preferences.server_url
+        if self.logic.consent.needs_consent(url) and not self._askConsent(url):   # no wait cursor over a question
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not ask the question."), waitCursor=True):
             node = self._parameterNode
             params = build_params(node.question, enabled=node.pruningEnabled, gamma=node.gamma, tau=node.tau,
                                   compare=node.compare)
@@ -411,10 +427,12 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         box.setDefaultButton(qt.QMessageBox.Cancel)
         dontAsk = qt.QCheckBox(_("Don't ask again for this server"))
         box.setCheckBox(dontAsk)
-        if box.exec_() != qt.QMessageBox.Yes:
-            return False
-        self.logic.consent.grant(url, remember=dontAsk.checked)
-        return True
+        accepted = box.exec_() == qt.QMessageBox.Yes
+        remember = dontAsk.checked
+        box.deleteLater()
+        if accepted:
+            self.logic.consent.grant(url, remember=remember)
+        return accepted
 
     def onPollTimer(self) -> None:
         try:
@@ -480,10 +498,12 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         remoteButton = box.addButton(_("Use a remote server..."), qt.QMessageBox.ActionRole)
         box.addButton(qt.QMessageBox.Cancel)
         box.exec_()
-        if startButton is not None and box.clickedButton() == startButton:
+        clicked = box.clickedButton()
+        box.deleteLater()
+        if startButton is not None and clicked == startButton:
             self._askWhenServerReady = True
             self.onStartServer()
-        elif box.clickedButton() == remoteButton:
+        elif clicked == remoteButton:
             self.ui.serverCollapsibleButton.collapsed = False
             self.ui.serverUrlComboBox.setFocus()
             self.ui.serverUrlComboBox.lineEdit().selectAll()
@@ -584,10 +604,9 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._showError(exc)
 
     def onTasksTimer(self) -> None:
-        try:
-            busy = self.logic.pollTasks()
-        except Exception as exc:  # noqa: BLE001 - never let an exception kill the timer silently
-            busy = False
+        """Deliver what the background checks, probes, installs and server start/stop finished (100 ms)."""
+        busy, errors = self.logic.pollTasks()
+        for exc in errors:   # a callback that failed: said once, and the other tasks keep being drained
             self._showError(exc)
         if self._installDialog is not None:
             self._installDialog.setLabelText(self.logic.installStatus())
@@ -597,11 +616,15 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onStartServer(self) -> None:
         try:
             self._startServer()
-        except MedPrunerSlicerError as exc:   # message, hint and details (e.g. pip's output) in one dialog
+        except Exception as exc:  # noqa: BLE001 - message, hint and details (e.g. pip's output) in one dialog
             self._askWhenServerReady = False
+            self.ui.startServerButton.enabled = self.logic.localServerSupport().ok
             self._showError(exc)
 
     def _startServer(self) -> None:
+        if self.logic.serverBusy() or self._serverTimer.isActive():
+            self.ui.serverStatusLabel.text = _("The local server is already being set up.")
+            return
         self.onLocalModelEdited()
         verdict = self.logic.localServerSupport()   # what this Slicer can do, before anything is installed
         if not verdict.ok:
@@ -631,10 +654,11 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._tasksTimer.start()
 
     def _closeInstallDialog(self) -> None:
-        if self._installDialog is not None:
-            self._installDialog.close()
-            self._installDialog = None
-        self.ui.startServerButton.enabled = True
+        dialog, self._installDialog = self._installDialog, None
+        if dialog is not None:
+            dialog.disconnect("canceled()", self.logic.cancelInstall)
+            dialog.close()
+            dialog.deleteLater()
 
     def _onInstalled(self, _result) -> None:
         self._closeInstallDialog()
@@ -642,24 +666,40 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onInstallFailed(self, exc) -> None:
         self._closeInstallDialog()
-        self._askWhenServerReady = False
-        self.ui.serverStatusLabel.text = _("Installing the server's packages did not finish.")
+        self._dropPendingQuestion(_("The server's packages were not installed; the question was not asked."))
+        self.ui.startServerButton.enabled = True
+        self.ui.serverStatusLabel.text = _("Installing the server's Python packages did not finish.")
         if not isinstance(exc, JobCancelled):
             self._showError(exc)
 
     def _launchServer(self) -> None:
-        note = self.logic.startLocalServer(self.ui.localModelLineEdit.text)
-        url = self.logic.preferences.server_url
-        self.ui.serverUrlComboBox.setCurrentText(url)
+        """Start the server process in the background (ending a leftover server can take seconds)."""
+        self.ui.startServerButton.enabled = False
+        self.ui.serverStatusLabel.text = _("Starting the server...")
+        self.logic.startLocalServerInBackground(self.ui.localModelLineEdit.text, self._onServerLaunched,
+                                                self._onServerLaunchFailed)
+        self._tasksTimer.start()
+
+    def _onServerLaunched(self, note: str) -> None:
+        self.ui.serverUrlComboBox.setCurrentText(self.logic.preferences.server_url)
         self.ui.serverStatusLabel.text = (note + " " if note else "") + _(
             "Starting the server (loading the model can take minutes)...")
-        self.ui.startServerButton.enabled = False
         self.ui.stopServerButton.enabled = True
         self.ui.openLogButton.enabled = True
         if self._askWhenServerReady:
             self.ui.statusLabel.text = _("Waiting for the local server; the question is asked when it is ready.")
         self._serverTimer.start()
-        self._tasksTimer.start()
+
+    def _onServerLaunchFailed(self, exc) -> None:
+        self._dropPendingQuestion(_("The local server did not start; the question was not asked."))
+        self.ui.startServerButton.enabled = True
+        self.ui.serverStatusLabel.text = _("The local server did not start.")
+        self._showError(exc)
+
+    def _dropPendingQuestion(self, text: str) -> None:
+        if self._askWhenServerReady:
+            self._askWhenServerReady = False
+            self.ui.statusLabel.text = text
 
     def onServerTimer(self) -> None:
         """Once a second while the local server starts: its process (no HTTP here) and a health probe (worker)."""
@@ -669,7 +709,7 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._tasksTimer.start()
             return
         self._serverTimer.stop()
-        self._askWhenServerReady = False
+        self._dropPendingQuestion(_("The local server stopped; the question was not asked."))
         self.ui.startServerButton.enabled = True
         self.ui.stopServerButton.enabled = False
         code = self.logic.localServer.exit_code
@@ -689,15 +729,26 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._askWhenServerReady:
             self._askWhenServerReady = False
             if self.ui.askButton.enabled and not self.logic.running:
-                self.onAskOrCancel()
+                try:
+                    self.onAskOrCancel()
+                except Exception:  # noqa: BLE001, S110 - tryWithErrorDisplay has shown it already
+                    pass
+            else:
+                self.ui.statusLabel.text = _("The local server is ready: press Ask.")
 
     def onStopServer(self) -> None:
-        self._askWhenServerReady = False
-        self.logic.stopLocalServer()
+        """Stop in the background (the server gets a few seconds to end its job and delete its files)."""
         self._serverTimer.stop()
+        self._dropPendingQuestion(_("The local server was stopped; the question was not asked."))
+        self.ui.stopServerButton.enabled = False
+        self.ui.serverStatusLabel.text = _("Stopping the local server...")
+        self.logic.stopLocalServerInBackground(self._onServerStopped, self._onServerStopped)
+        self._tasksTimer.start()
+
+    def _onServerStopped(self, _result=None) -> None:
         self.ui.serverStatusLabel.text = _("Local server stopped.")
         self.ui.startServerButton.enabled = self.logic.localServerSupport().ok
-        self.ui.stopServerButton.enabled = False
+        self.ui.stopServerButton.enabled = self.logic.localServer.is_running()
 
     def onOpenLog(self) -> None:
         path = self.logic.localServer.log_path
@@ -729,6 +780,7 @@ class MedPrunerSlicerLogic(ScriptedLoadableModuleLogic):
                                   on_error=self._onError)
         self.checks = JobRunner()      # Test connection
         self.probes = JobRunner()      # is the local server ready yet?
+        self.serverOps = JobRunner()   # starting (a leftover server may need ending) and stopping the local server
         self.installs = installer.Installer()
         self._everConnected = False
 
@@ -770,7 +822,7 @@ class MedPrunerSlicerLogic(ScriptedLoadableModuleLogic):
         """No server has answered yet in this session, and the address is this computer's default one."""
         url = self.preferences.server_url
         return (not self._everConnected and is_local_url(url) and not self.localServer.is_running()
-                and not find_results(slicer.mrmlScene))
+                and not self.serverBusy() and not find_results(slicer.mrmlScene))
 
     # views
     @staticmethod
@@ -786,9 +838,17 @@ class MedPrunerSlicerLogic(ScriptedLoadableModuleLogic):
                 return volume
         return None
 
-    @staticmethod
-    def isHeatmap(volumeNode) -> bool:
-        return bool(volumeNode.GetAttribute("MedPruner.Role"))
+    def defaultInputVolume(self):
+        """A plain scalar volume to ask about: the one in the views, else the scene's first (never a labelmap,
+        vector, tensor or MedPruner heatmap: the input selector shows plain scalar volumes only)."""
+        def usable(node) -> bool:
+            return (node is not None and node.GetClassName() == "vtkMRMLScalarVolumeNode"
+                    and not node.GetAttribute("MedPruner.Role"))
+
+        inView = self.volumeInViews()
+        if usable(inView):
+            return inView
+        return next((n for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode") if usable(n)), None)
 
     def compositeNodesFor(self, views: str):
         """Slice composite nodes for the Overlay's "In views" choice (None: the views showing the input)."""
@@ -870,12 +930,20 @@ class MedPrunerSlicerLogic(ScriptedLoadableModuleLogic):
 
         self.probes.start(lambda ctx: client.check_token(), on_done=ready, on_error=onNotYet)
 
-    def pollTasks(self) -> bool:
-        """Deliver finished checks, probes and install progress (main thread). True while any still runs."""
-        busy = self.checks.drain()
-        busy = self.probes.drain() or busy
-        busy = self.installs.drain() or busy
-        return busy
+    def pollTasks(self) -> tuple:
+        """Deliver what the background tasks finished (main thread): (any still running, errors raised by
+        callbacks). Each runner is drained on its own, so one failing callback never strands the others."""
+        errors = []
+        for runner in (self.checks, self.probes, self.installs, self.serverOps):
+            try:
+                runner.drain()
+            except Exception as exc:  # noqa: BLE001 - reported by the caller; the other runners go on
+                errors.append(exc)
+        return self.serverBusy() or self.checks.running or self.probes.running, errors
+
+    def serverBusy(self) -> bool:
+        """An install, or the start or stop of the local server, is under way."""
+        return self.installs.running or self.serverOps.running
 
     @staticmethod
     def describeHealth(info: dict) -> str:
@@ -940,16 +1008,39 @@ class MedPrunerSlicerLogic(ScriptedLoadableModuleLogic):
             return dict(slicer.util.startupEnvironment())
         return dict(os.environ)
 
-    def startLocalServer(self, model: str) -> str:
-        """Start `medpruner serve` on 127.0.0.1 (the tiny demo model when `model` is empty), in the background.
-        Returns a note for the user when the usual port was taken (empty otherwise)."""
+    def _preferredPort(self) -> int:
         url = normalize_server_url(self.preferences.server_url)
-        preferred = int(url.rsplit(":", 1)[-1]) if url.startswith("http://127.0.0.1:") else DEFAULT_PORT
+        tail = url[len("http://127.0.0.1:"):] if url.startswith("http://127.0.0.1:") else ""
+        return int(tail) if tail.isdigit() else DEFAULT_PORT
+
+    def _launch(self, model: str, preferred: int, python: str, env: dict) -> tuple:
+        """Free the port (a leftover server of a crashed Slicer is ended) and start the server: (port, note)."""
         port, note = self.localServer.prepare_port(preferred)
+        command = local_server.server_command(python, model.strip() or local_server.TINY_MODEL, port)
+        self.localServer.start(command, env, port=port)
+        return port, note
+
+    def startLocalServer(self, model: str) -> str:
+        """Start `medpruner serve` on 127.0.0.1 (the tiny demo model when `model` is empty) and return at once
+        the note for the user (empty unless the usual port was taken). Scripts and the self-test; the widget
+        uses startLocalServerInBackground, since freeing the port can take seconds."""
+        port, note = self._launch(model, self._preferredPort(), self.pythonExecutable(),
+                                  local_server.server_environment(self.startupEnvironment()))
         self.preferences.server_url = f"http://127.0.0.1:{port}"
-        command = local_server.server_command(self.pythonExecutable(), model.strip() or local_server.TINY_MODEL, port)
-        self.localServer.start(command, local_server.server_environment(self.startupEnvironment()))
         return note
+
+    def startLocalServerInBackground(self, model: str, onStarted, onError) -> None:
+        """startLocalServer in a worker: onStarted(note) once the process runs (the address is saved then)."""
+        preferred, python = self._preferredPort(), self.pythonExecutable()
+        env = local_server.server_environment(self.startupEnvironment())
+
+        def started(result) -> None:
+            port, note = result
+            self.preferences.server_url = f"http://127.0.0.1:{port}"   # QSettings: on the main thread
+            onStarted(note)
+
+        self.serverOps.start(lambda ctx: self._launch(model, preferred, python, env), on_done=started,
+                             on_error=onError)
 
     def localServerProcessState(self) -> str:
         """"running", "stopped" (exit code 0 or never started) or "failed": the process only, no HTTP."""
@@ -958,13 +1049,20 @@ class MedPrunerSlicerLogic(ScriptedLoadableModuleLogic):
         return "failed" if self.localServer.exit_code not in (None, 0) else "stopped"
 
     def stopLocalServer(self) -> None:
+        """End the server and what it started (waits up to a few seconds: scripts and shutdown)."""
         self.localServer.stop()
+
+    def stopLocalServerInBackground(self, onStopped, onError) -> None:
+        """stopLocalServer in a worker (the server may take seconds to cancel its job and delete its files)."""
+        self.serverOps.start(lambda ctx: self.localServer.stop(), on_done=onStopped, on_error=onError)
 
     def shutdown(self) -> None:
         """Cancel the running question and installs, stop the local server (module cleanup, application quit)."""
         self.session.cancel()
         self.cancelInstall()
         self.session.runner.join(2.0)
+        self.installs.join(installer.CANCEL_GRACE + 1.0)   # pip's process tree ends before Slicer does
+        self.serverOps.join(10.0)
         self.localServer.stop()
 
 

@@ -297,7 +297,9 @@ def test_every_library_name_the_module_uses_exists():
 # function handed to a JobRunner), never directly in a method a widget signal or timer calls.
 _BLOCKING_CALLS = {"health", "check_token", "submit", "status", "result", "heatmap", "urlopen", "open_url",
                    "pip_install", "pip_ensure", "installTorch", "check_call", "check_output", "run_job",
-                   "downloadAndInstallExtensionByName", "wait_until_ready"}
+                   "downloadAndInstallExtensionByName", "wait_until_ready",
+                   # ending a leftover server or stopping ours waits seconds for the process tree
+                   "prepare_port", "startLocalServer", "stopLocalServer", "end_process_tree", "stop_leftovers"}
 
 
 def _methods_and_calls():
