@@ -283,6 +283,13 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if index < 0:
                 setattr(node, field, combo.itemData(0))
 
+    def _hideHeatmapsFromInputSelector(self) -> None:
+        """MedPruner's own heatmaps are scalar volumes too: never offer them as a volume to ask about."""
+        ids = self.logic.heatmapNodeIds()
+        proxy = self.ui.inputSelector.sortFilterProxyModel()
+        if list(proxy.hiddenNodeIDs) != ids:
+            proxy.hiddenNodeIDs = ids
+
     def _fillViewsComboBox(self) -> None:
         combo = self.ui.overlayViewsComboBox
         current = combo.currentData if combo.count else (self._parameterNode.overlayViews if self._parameterNode else "input")
@@ -307,6 +314,7 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node = self._parameterNode
         if node:
             self._syncOverlayCombos()
+        self._hideHeatmapsFromInputSelector()
         running = self.logic.running
         hasInput = bool(node and node.inputVolume)
         hasQuestion = bool(node and node.question.strip())
@@ -837,6 +845,12 @@ class MedPrunerSlicerLogic(ScriptedLoadableModuleLogic):
             if volume is not None:
                 return volume
         return None
+
+    @staticmethod
+    def heatmapNodeIds() -> list:
+        """IDs of the heatmap volumes MedPruner made, sorted (its display helpers are hidden from editors)."""
+        return sorted(n.GetID() for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+                      if n.GetAttribute("MedPruner.Role"))
 
     def defaultInputVolume(self):
         """A plain scalar volume to ask about: the one in the views, else the scene's first (never a labelmap,
