@@ -24,7 +24,13 @@ import qt
 import slicer
 import vtk
 from MedPrunerSlicerLib import display, installer, local_server, support
-from MedPrunerSlicerLib.answer_view import RESEARCH_NOTICE, answer_html, compare_rows, details_html
+from MedPrunerSlicerLib.answer_view import (
+    RESEARCH_NOTICE,
+    answer_html,
+    compare_rows,
+    details_html,
+    partial_answer_html,
+)
 from MedPrunerSlicerLib.ask import AskSession
 from MedPrunerSlicerLib.client import MedPrunerClient, build_params
 from MedPrunerSlicerLib.conversation import conversation, conversation_html
@@ -140,6 +146,8 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._conversationKey = None
         self._askWhenServerReady = False
         self._installDialog = None
+        self._askedQuestion = ""
+        self._partialAnswer = ""
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(100)
         self._serverTimer = qt.QTimer()
@@ -160,6 +168,7 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.progressCallback = self.onProgress
         self.logic.doneCallback = self.onDone
         self.logic.errorCallback = self.onError
+        self.logic.partialAnswerCallback = self.onPartialAnswer
 
         for mode, text in zip(OVERLAY_MODES, (_("Where it looked and its attention"), _("Attention only"),
                                               _("Where it looked only"), _("Nothing"))):
@@ -418,6 +427,7 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             params = build_params(node.question, enabled=node.pruningEnabled, gamma=node.gamma, tau=node.tau,
                                   compare=node.compare)
             self.logic.ask(node.inputVolume, params)   # checks and copies the volume; HTTP runs in the worker
+            self._askedQuestion, self._partialAnswer = params["question"], ""
             self.ui.progressBar.visible = True
             self.ui.progressBar.setRange(0, 0)
             self.ui.statusLabel.text = _("Sending the volume...")
@@ -461,6 +471,13 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.progressBar.value = int(round(100 * fraction))
         self.ui.statusLabel.text = message
 
+    def onPartialAnswer(self, text: str) -> None:
+        """The answer growing as the model writes it (the finished one replaces it in onDone)."""
+        self._partialAnswer = text
+        self.ui.answerCollapsibleButton.collapsed = False
+        self.ui.answerBrowser.setHtml(partial_answer_html(self._askedQuestion, text))
+        self.ui.answerDetailsLabel.text = ""
+
     def onDone(self, result) -> None:
         self.ui.statusLabel.text = self.logic.doneMessage(result)
         if self._parameterNode:
@@ -468,6 +485,10 @@ class MedPrunerSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onError(self, exc) -> None:
         self.ui.progressBar.visible = False
+        if self._partialAnswer:   # what was written stays readable, marked as incomplete
+            state = "cancelled" if isinstance(exc, JobCancelled) else "failed"
+            self.ui.answerBrowser.setHtml(partial_answer_html(self._askedQuestion, self._partialAnswer, state))
+            self._partialAnswer = ""
         if isinstance(exc, JobCancelled):
             self.ui.statusLabel.text = _("Cancelled.")
             return
@@ -782,10 +803,12 @@ class MedPrunerSlicerLogic(ScriptedLoadableModuleLogic):
         self.progressCallback = None
         self.doneCallback = None
         self.errorCallback = None
+        self.partialAnswerCallback = None   # (text so far): the answer as the model writes it
         self.session = AskSession(slicer.mrmlScene, self.client,
                                   on_progress=lambda *a: self.progressCallback and self.progressCallback(*a),
                                   on_done=lambda r: self.doneCallback and self.doneCallback(r),
-                                  on_error=self._onError)
+                                  on_error=self._onError,
+                                  on_partial_answer=lambda t: self.partialAnswerCallback and self.partialAnswerCallback(t))
         self.checks = JobRunner()      # Test connection
         self.probes = JobRunner()      # is the local server ready yet?
         self.serverOps = JobRunner()   # starting (a leftover server may need ending) and stopping the local server

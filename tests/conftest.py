@@ -37,3 +37,13 @@ def real_server(tiny_qwen3_vl, tmp_path_factory):
 
     with running_server(tiny_qwen3_vl, tmp_path_factory.mktemp("server")) as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def stub(engine):
+    """The issue-5 API over the real pipeline in a thread (tests/slicer_helpers.StubServer), per test module."""
+    from slicer_helpers import StubServer
+
+    server = StubServer(engine)
+    yield server
+    server.close()

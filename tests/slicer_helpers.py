@@ -267,3 +267,18 @@ class StubServer:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def ask_once(scene, volume, url: str, question: str = "Is there a liver lesion?", **params):
+    """One question through the real Ask path (AskSession over HTTP) to `url`; its ResultNodes."""
+    from MedPrunerSlicerLib.ask import AskSession
+    from MedPrunerSlicerLib.client import MedPrunerClient, build_params
+
+    done, errors = [], []
+    session = AskSession(scene, lambda: MedPrunerClient(url), on_done=done.append, on_error=errors.append,
+                         poll_interval=0.02)
+    session.start(volume, build_params(question, max_new_tokens=4, **params))
+    session.wait(60)
+    assert not errors, errors
+    assert len(done) == 1
+    return done[0]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -149,3 +149,128 @@ def test_all_slices_at_once_equals_one_slice_at_a_time(slices, n, tau, ratio, me
         assert torch.equal(s1, selected[row]) and torch.allclose(p1, probs[row])
         assert torch.equal(r1, roles[row])
         torch.testing.assert_close(m1, merged[row])
+
+
+# -- independent references of the nucleus rule and of the merge (numpy, float64, written out) ----------
+def _reference_nucleus(scores: np.ndarray, tau: float, temperature: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """p = softmax(scores / T); tokens by p descending, ties in raster order; the shortest prefix reaching tau.
+
+    Returns (p, cumulative mass in that order, count kept)."""
+    z = scores.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    mass = np.cumsum(p[order])
+    reached = np.flatnonzero(mass >= tau)
+    return p, mass, (int(reached[0]) + 1 if reached.size else p.size)
+
+
+@settings(max_examples=200, deadline=None)
+@given(scores=scores_strategy, tau=st.floats(0.01, 0.99), temperatures=st.tuples(temperatures, temperatures))
+def test_nucleus_follows_the_softmax_at_its_temperature(scores, tau, temperatures):
+    """Probabilities and kept count are those of softmax(scores / T) at EACH of two temperatures."""
+
+    for temperature in temperatures:
+        p_ref, mass, count = _reference_nucleus(scores, tau, temperature)
+        # Summation order may round a mass within 1e-9 of tau either way: such boundaries decide nothing.
+        assume(np.all(np.abs(mass - tau) > 1e-9))
+        probs, selected = nucleus(torch.from_numpy(scores), tau, temperature)
+        np.testing.assert_allclose(probs.numpy(), p_ref, rtol=1e-9, atol=1e-300)
+        assert int(selected.sum()) == count
+        assert p_ref[selected.numpy()].sum() >= tau or count == scores.size
+
+
+def test_nucleus_count_depends_on_the_temperature():
+    """A softer distribution needs more tokens to reach tau: the property above can tell temperatures apart."""
+    scores = np.linspace(-4.0, 4.0, 50, dtype=np.float32)
+    counts = {}
+    for temperature in (0.5, 1.0, 4.0):
+        _, selected = nucleus(torch.from_numpy(scores), 0.9, temperature)
+        counts[temperature] = int(selected.sum())
+        assert counts[temperature] == _reference_nucleus(scores, 0.9, temperature)[2]
+    assert counts[0.5] < counts[1.0] < counts[4.0]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    rows=st.integers(1, 3),
+    n=st.integers(17, 1500),        # torch's unstable CPU sort reorders ties from 17 elements on
+    levels=st.integers(1, 5),
+    tau=st.floats(0.01, 0.99),
+    temperature=temperatures,
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_nucleus_breaks_ties_in_raster_order(rows, n, levels, tau, temperature, seed):
+    """Scores on a few levels (many exact ties): the kept set is the first tokens in raster order among ties."""
+
+    rng = np.random.default_rng(seed)
+    scores = (rng.integers(0, levels, size=(rows, n)) * 1.5).astype(np.float32)
+    _, selected = nucleus(torch.from_numpy(scores), tau, temperature)
+    for row in range(rows):
+        _, mass, count = _reference_nucleus(scores[row], tau, temperature)
+        assume(np.all(np.abs(mass - tau) > 1e-9))
+        expected = np.zeros(n, dtype=bool)
+        expected[np.argsort(-scores[row], kind="stable")[:count]] = True   # levels are far apart: order of p
+        np.testing.assert_array_equal(selected[row].numpy(), expected)
+
+
+def _reference_merge(embeds: np.ndarray, keys: np.ndarray, selected: np.ndarray, ratio: float, merge: str):
+    """The documented merge, token by token in float64.
+
+    Returns (roles, merged, plain mean of each group, whether any target absorbed a token), or None when
+    two targets' similarities to one token are within rounding (the first-target tie rule is then untestable).
+    """
+    n = len(embeds)
+    rest = [i for i in range(n) if not selected[i]]
+    n_ctx = max(int(ratio * n), 1)
+    step = max(1, len(rest) // n_ctx)
+    targets = rest[::step][:n_ctx]
+    roles = np.where(selected, ROLE_NUCLEUS, ROLE_PRUNED).astype(np.uint8)
+    roles[targets] = ROLE_CONTEXTUAL
+    unit = keys / np.linalg.norm(keys, axis=1, keepdims=True)
+    groups: dict[int, list[int]] = {t: [] for t in targets}
+    for i in rest:
+        if i in groups:
+            continue
+        sims = unit[targets] @ unit[i]
+        best = int(np.argmax(sims))
+        if len(targets) > 1 and np.sort(sims)[-1] - np.sort(sims)[-2] < 1e-5:
+            return None
+        groups[targets[best]].append(i)
+    merged = embeds.astype(np.float64)
+    plain = merged.copy()
+    for t, absorbed in groups.items():
+        group_sum = embeds[t] + embeds[absorbed].sum(axis=0)
+        plain[t] = group_sum / (1 + len(absorbed))
+        if merge == "mean":
+            merged[t] = plain[t]
+        elif absorbed:   # "reference": the target itself plus the mean of what it absorbed
+            merged[t] = embeds[t] + embeds[absorbed].mean(axis=0)
+    return roles, merged, plain, any(groups.values())
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    n=st.integers(2, 120),
+    dim=st.integers(2, 8),
+    ratio=st.floats(0, 0.5),
+    merge=st.sampled_from(["reference", "mean"]),
+    seed=st.integers(0, 2**31 - 1),
+    keep_share=st.floats(0, 1),
+)
+def test_contextual_merge_is_the_documented_formula(n, dim, ratio, merge, seed, keep_share):
+    """Each mode equals its formula written out; in reference mode that is NOT the plain group mean."""
+
+    rng = np.random.default_rng(seed)
+    embeds = rng.standard_normal((n, dim)).astype(np.float32)
+    keys = rng.standard_normal((n, dim)).astype(np.float32)
+    selected = rng.random(n) < keep_share
+    reference = _reference_merge(embeds, keys, selected, ratio, merge)
+    assume(reference is not None)
+    roles_ref, merged_ref, plain, absorbed_any = reference
+    roles, merged = contextual_merge(torch.from_numpy(embeds), torch.from_numpy(keys), torch.from_numpy(selected),
+                                     ratio, merge)
+    np.testing.assert_array_equal(roles.numpy(), roles_ref)
+    np.testing.assert_allclose(merged.numpy(), merged_ref, rtol=1e-5, atol=1e-5)
+    if merge == "reference" and absorbed_any:
+        assert not np.allclose(merged_ref, plain, rtol=1e-3, atol=1e-3), "the example cannot tell the two modes apart"

@@ -68,3 +68,16 @@ def test_the_comparison_rows_come_from_both_answers(report):
     assert rows["Image regions"][1] == f"{counts['visual_tokens_kept']} / {counts['visual_tokens_total']}"
     assert rows["Image regions"][0] == f"{report['tokens']['kept_visual']} / {report['tokens']['total_visual']}"
     assert compare_rows({k: v for k, v in report.items() if k != "unpruned"}) == []
+
+
+def test_a_partial_answer_is_never_taken_for_a_finished_one():
+    from MedPrunerSlicerLib.answer_view import partial_answer_html
+
+    writing = partial_answer_html("Is it <big>?", "A lesion in")
+    assert "Is it &lt;big&gt;?" in writing and "A lesion in &hellip;" in writing and RESEARCH_NOTICE in writing
+    for state, words in (("cancelled", "cancelled: the answer is incomplete"),
+                         ("failed", "failed: the answer is incomplete")):
+        shown = partial_answer_html("Q?", "A lesion in", state)
+        assert "A lesion in" in shown and words in shown and "&hellip;" not in shown
+    with pytest.raises(KeyError):
+        partial_answer_html("Q?", "x", "done")

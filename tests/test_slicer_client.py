@@ -81,13 +81,6 @@ def test_preferences_keep_a_history_of_addresses():
 
 
 # -- client errors --------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def stub(engine):
-    server = StubServer(engine)
-    yield server
-    server.close()
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -15,12 +15,10 @@ import pytest
 pytest.importorskip("slicer", reason="slicer-core (pip install slicer-core) runs the Slicer scene tests")
 
 from MedPrunerSlicerLib import colors, display
-from MedPrunerSlicerLib.ask import AskSession
-from MedPrunerSlicerLib.client import MedPrunerClient, build_params
 from MedPrunerSlicerLib.result_nodes import create_result_nodes
 from MedPrunerSlicerLib.scene_utils import nodes_by_class
 from MedPrunerSlicerLib.volume_export import ijk_to_ras_array
-from slicer_helpers import SliceRenderer, StubServer, add_volume, make_scene
+from slicer_helpers import SliceRenderer, add_volume, ask_once, make_scene
 
 # -- a result written by hand ---------------------------------------------------------------------
 SHAPE = (6, 16, 16)   # k, j, i: 6 axial slices of 16 x 16 voxels; tokens of 4 x 4 voxels (16 per slice)
@@ -350,24 +348,6 @@ def test_veil_codes_wash_what_the_model_did_not_see_and_tint_above_the_uniform_s
 
 # -- rendering ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def stub(engine):
-    server = StubServer(engine)
-    yield server
-    server.close()
-
-
-def _ask(scene, volume, url, question="Is there a liver lesion?", **kwargs):
-    done, errors = [], []
-    session = AskSession(scene, lambda: MedPrunerClient(url), on_done=done.append, on_error=errors.append,
-                         poll_interval=0.02)
-    session.start(volume, build_params(question, max_new_tokens=4, **kwargs))
-    session.wait(60)
-    assert not errors, errors
-    assert len(done) == 1
-    return done[0]
-
-
-@pytest.fixture(scope="module")
 def rendered(stub):
     """The demo phantom (full size), answered, in an offscreen axial slice view that shows it."""
     import SimpleITK as sitk
@@ -382,7 +362,7 @@ def rendered(stub):
     volume = add_volume(scene, array, ijk_to_ras, "phantom")
     volume.GetDisplayNode().AutoWindowLevelOff()
     volume.GetDisplayNode().SetWindowLevel(400, 40)
-    result = _ask(scene, volume, stub.url, "Is there a liver lesion?")
+    result = ask_once(scene, volume, stub.url, "Is there a liver lesion?")
     view = SliceRenderer(scene)
     view.composite.SetBackgroundVolumeID(volume.GetID())
     view.fit()
@@ -561,7 +541,7 @@ def test_jump_on_a_volume_whose_axial_slices_run_along_I(stub):
     matrix[3, 3] = 1.0
     scene = make_scene()
     volume = add_volume(scene, array, matrix, "permuted phantom")
-    result = _ask(scene, volume, stub.url, "Is there a liver lesion?")
+    result = ask_once(scene, volume, stub.url, "Is there a liver lesion?")
     report = result.report
     assert report["input"]["slice_axis_ijk"] == "I"
     kept = report["slices"]["kept_voxel_indices"]

@@ -19,7 +19,7 @@ from MedPrunerSlicerLib.volume_export import (
     snapshot_volume,
     volume_fingerprint,
 )
-from slicer_helpers import SliceRenderer, StubServer, add_volume, make_scene
+from slicer_helpers import SliceRenderer, add_volume, ask_once, make_scene
 
 # An oblique, anisotropic, axis-permuted and flipped geometry: RAS columns for I, J, K, origin.
 _R = np.array([[0.0, 0.96, 0.28], [-1.0, 0.0, 0.0], [0.0, -0.28, 0.96]])
@@ -37,30 +37,12 @@ def _phantom(shape=(24, 64, 64)):
 
 
 @pytest.fixture(scope="module")
-def stub(engine):
-    server = StubServer(engine)
-    yield server
-    server.close()
-
-
-def _ask(scene, volume, url, question="Is there a liver lesion?", **kwargs):
-    done, errors = [], []
-    session = AskSession(scene, lambda: MedPrunerClient(url), on_done=done.append, on_error=errors.append,
-                         poll_interval=0.02)
-    session.start(volume, build_params(question, max_new_tokens=4, **kwargs))
-    session.wait(60)
-    assert not errors, errors
-    assert len(done) == 1
-    return done[0]
-
-
-@pytest.fixture(scope="module")
 def asked(stub):
     """One question answered through the stand-in server over HTTP, with its scene."""
     scene = make_scene()
     volume = add_volume(scene, _phantom(), OBLIQUE, "oblique phantom")
     before = volume_fingerprint(volume)
-    result = _ask(scene, volume, stub.url, compare=True)
+    result = ask_once(scene, volume, stub.url, compare=True)
     job = stub.jobs[result.answer.GetAttribute("MedPruner.JobId")]
     return scene, volume, before, result, job
 
@@ -328,8 +310,8 @@ def test_mrb_save_and_reload_keeps_every_result_node(asked, tmp_path):
 def test_past_questions_stay_and_show_again(stub):
     scene = make_scene()
     volume = add_volume(scene, _phantom((8, 32, 32)), AXIAL, "phantom")
-    first = _ask(scene, volume, stub.url, "First question?")
-    second = _ask(scene, volume, stub.url, "Second question?", enabled=False)
+    first = ask_once(scene, volume, stub.url, "First question?")
+    second = ask_once(scene, volume, stub.url, "Second question?", enabled=False)
     assert [r.question for r in find_results(scene)] == ["First question?", "Second question?"]
     view = SliceRenderer(scene)
     display.show_result(scene, first, "both", 0.5, style="filled")

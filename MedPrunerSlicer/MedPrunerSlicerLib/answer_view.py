@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import html
 
-__all__ = ["DEMO_MODEL_TEXT", "RESEARCH_NOTICE", "answer_html", "compare_rows", "details_html", "is_demo_answer"]
+__all__ = ["DEMO_MODEL_TEXT", "RESEARCH_NOTICE", "answer_html", "compare_rows", "details_html", "is_demo_answer",
+           "partial_answer_html"]
 
 RESEARCH_NOTICE = ("For research use only: not a medical device, not for diagnosis or treatment. "
                    "Check every answer against the images.")
@@ -32,6 +33,17 @@ def answer_html(report: dict) -> str:
     parts.append(f'<p style="font-size:14pt;"><b>{answer}</b></p>')
     parts.append(f'<p style="color:#666666; font-size:8pt;">{html.escape(RESEARCH_NOTICE)}</p>')
     return "".join(parts)
+
+
+def partial_answer_html(question: str, text: str, state: str = "writing") -> str:
+    """The answer while the model writes it (state "writing"), or what was written before the question was
+    cancelled or failed ("cancelled"/"failed"): never mistaken for a finished answer."""
+    ending = {"writing": " &hellip;", "cancelled": " <i>(cancelled: the answer is incomplete)</i>",
+              "failed": " <i>(failed: the answer is incomplete)</i>"}[state]
+    shown = html.escape(text.strip())
+    return (f'<p style="color:#666666;">{html.escape(question)}</p>'
+            f'<p style="font-size:14pt;">{shown}{ending}</p>'
+            f'<p style="color:#666666; font-size:8pt;">{html.escape(RESEARCH_NOTICE)}</p>')
 
 
 def _seconds(value) -> str:

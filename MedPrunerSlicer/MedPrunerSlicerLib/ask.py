@@ -16,6 +16,8 @@ never touches widgets.
 
 Callbacks (all optional, all called on the thread that calls `poll()`):
     on_progress(stage: str, fraction: float | None, message: str)
+    on_partial_answer(text: str)  # the whole answer so far, each time it grew (from the polled status's
+                                  # `answer_so_far`); the last call carries the final answer, before on_done
     on_done(result: ResultNodes)
     on_error(exc: Exception)      # MedPrunerSlicerError subclasses carry message/hint/details
 """
@@ -133,12 +135,21 @@ def _submit(ctx: JobContext, client: MedPrunerClient, data: bytes | None, params
 
 
 def _follow(ctx: JobContext, client: MedPrunerClient, submitted: dict[str, Any], poll_interval: float) -> str:
-    """Poll a submitted job to its end; its id when done (JobFailed / JobCancelled otherwise)."""
+    """Poll a submitted job to its end; its id when done (JobFailed / JobCancelled otherwise).
+
+    The answer so far is emitted ("partial_answer", text) whenever it changed, the final one included,
+    so the answer box fills while the model writes; not for a job that failed or was cancelled, whose
+    error follows at once. A server without `answer_so_far` emits none."""
     job_id = str(submitted["job_id"])
     ctx.emit("submitted", job_id)
     status = submitted
+    shown = ""
     while True:
         _check_cancel(ctx, client, job_id)
+        answer = status.get("answer_so_far")
+        if isinstance(answer, str) and answer != shown and status.get("state") not in ("failed", "cancelled"):
+            shown = answer
+            ctx.emit("partial_answer", answer)
         if status.get("state") in ("done", "failed", "cancelled"):
             break
         ctx.emit("progress", _stage_message(status))
@@ -207,10 +218,12 @@ class AskSession:
                  on_progress: Callable[[str, float | None, str], None] | None = None,
                  on_done: Callable[[ResultNodes], None] | None = None,
                  on_error: Callable[[BaseException], None] | None = None,
-                 poll_interval: float = 0.25) -> None:
+                 poll_interval: float = 0.25,
+                 on_partial_answer: Callable[[str], None] | None = None) -> None:
         self.scene = scene
         self.client_factory = client_factory
         self.on_progress = on_progress
+        self.on_partial_answer = on_partial_answer
         self.on_done = on_done
         self.on_error = on_error
         self.poll_interval = poll_interval
@@ -277,6 +290,8 @@ class AskSession:
             self.job_id = payload
         elif kind == "progress" and self.on_progress:
             self.on_progress(*payload)
+        elif kind == "partial_answer" and self.on_partial_answer:
+            self.on_partial_answer(payload)
 
     def _done(self, outcome: AskOutcome) -> None:
         try:

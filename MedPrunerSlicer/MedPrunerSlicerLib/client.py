@@ -583,7 +583,8 @@ class MedPrunerClient:
         return data
 
     def status(self, job_id: str) -> dict[str, Any]:
-        """GET /v1/jobs/{id} -> state, stage, progress, position, error."""
+        """GET /v1/jobs/{id} -> state, stage, progress, position, error, answer_so_far (the answer as it is
+        generated; the whole answer once done; absent on servers older than answer streaming)."""
         return self._json("GET", f"/v1/jobs/{job_id}")
 
     def cancel(self, job_id: str) -> None:

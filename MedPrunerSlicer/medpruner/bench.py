@@ -9,7 +9,10 @@ Modes, for each number of slices and each operating point:
 Operating points: "natural" (the model's own decisions) and fixed ones supplied as masks (a share of
 slices kept, and a share of each slice's tokens), so the speed-up is measured where the paper
 operates even with random weights. TTFT excludes the image processor's CPU work, which is the
-same for every mode; it is vision + pruning + prefill.
+same for every mode; it is vision + pruning + prefill. Time to answer (TTA), the headline, is TTFT
+plus decoding the whole answer (max_new_tokens tokens, EOS ignored). The engine modes decode with
+the engine's decoder (`BenchSettings.decode`; static cache and CUDA graphs on CUDA by default), the
+stock mode with the stock `generate`; each mode's `decode_path` says which ran.
 """
 from __future__ import annotations
 
@@ -43,6 +46,9 @@ class BenchSettings:
     max_new_tokens: int = 16
     operating_points: tuple[tuple[str, float | None, float | None], ...] = OPERATING_POINTS
     question: str = BENCH_QUESTION
+    decode: str = "auto"          # the engine's decoder (MedPruner.ask's `decode`)
+
+STOCK_DECODE_PATH = "stock generate (dynamic-cache, eager)"
 
 
 class _Timer:
@@ -62,6 +68,20 @@ class _Timer:
 
     def peak(self) -> int | None:
         return int(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else None
+
+    def mark(self) -> Any:
+        """A point in time that does not wait for the accelerator: a recorded CUDA event, or the clock on CPU."""
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def seconds(self, start: Any, end: Any) -> float:
+        """Seconds between two marks (the events must have completed: call `now` first)."""
+        if self.device.type == "cuda":
+            return start.elapsed_time(end) / 1000.0
+        return end - start
 
 
 def _slice_mask(count: int, share: float | None) -> np.ndarray | None:
@@ -95,6 +115,7 @@ def _measure(result, ttft_extra: float = 0.0) -> dict[str, Any]:
     ttft = t["vision"] + t["pruning"] + t["prefill"] + ttft_extra
     decoded = max(len(result.token_ids) - 1, 1)
     return {
+        "tta_s": ttft + t["decode"],
         "ttft_s": ttft,
         "vision_s": t["vision"],
         "pruning_s": t["pruning"],
@@ -107,51 +128,67 @@ def _measure(result, ttft_extra: float = 0.0) -> dict[str, Any]:
         "visual_tokens_kept": result.counts["visual_tokens_kept"],
         "visual_tokens_total": result.counts["visual_tokens_total"],
         "prompt_tokens": result.counts["prompt_tokens_pruned"],
+        "generated_tokens": len(result.token_ids),
+        "decode_path": result.decode_path,
     }
 
 
 def _run_full(engine, pixels, input_ids, settings: BenchSettings, timer: _Timer) -> dict[str, Any]:
-    """The stock model's generate, timed from inside: vision by hooks, first token by a logits processor."""
+    """The stock model's generate, timed from inside without a host sync per step: the vision
+    encoder's hooks and the first call of a logits processor record CUDA events (clock readings on
+    CPU); the answer's end is read after `generate` returns. (The processor used to synchronise the
+    device at every step, which the stock path paid for as an extra host sync per token.)"""
     from transformers import LogitsProcessor, LogitsProcessorList
 
-    marks: list[float] = []
-    vision: list[float] = []
+    marks: list[Any] = []
+    vision: list[Any] = []
+    steps = [0]
 
-    class FirstTokenClock(LogitsProcessor):
+    class FirstTokenMark(LogitsProcessor):
         def __call__(self, input_ids, scores):
-            marks.append(timer.now())
+            steps[0] += 1
+            if not marks:
+                marks.append(timer.mark())
             return scores
 
     visual = engine.adapter.vision_encoder
-    hooks = [visual.register_forward_pre_hook(lambda *a: vision.append(timer.now())),
-             visual.register_forward_hook(lambda *a: vision.append(timer.now()))]
+    hooks = [visual.register_forward_pre_hook(lambda *a: vision.append(timer.mark())),
+             visual.register_forward_hook(lambda *a: vision.append(timer.mark()))]
     inputs = engine.adapter.stock_inputs(pixels, input_ids)
     count = settings.max_new_tokens
     timer.reset_peak()
     try:
-        start = timer.now()
+        timer.now()
+        start = timer.mark()
         with torch.inference_mode():
             engine.model.generate(**inputs, max_new_tokens=count, min_new_tokens=count, do_sample=False,
-                                  logits_processor=LogitsProcessorList([FirstTokenClock()]))
+                                  logits_processor=LogitsProcessorList([FirstTokenMark()]))
+        end = timer.mark()
+        timer.now()
     finally:
         for hook in hooks:
             hook.remove()
-    ttft = marks[0] - start
-    decode = marks[-1] - marks[0]
+    ttft = timer.seconds(start, marks[0])
+    tta = timer.seconds(start, end)
+    vision_s = timer.seconds(vision[0], vision[1])
+    decode = tta - ttft
     tokens_total = int(engine.adapter.image_token_mask(input_ids).sum())
     return {
+        "tta_s": tta,
         "ttft_s": ttft,
-        "vision_s": vision[1] - vision[0],
+        "vision_s": vision_s,
         "pruning_s": 0.0,
-        "prefill_s": ttft - (vision[1] - vision[0]),
+        "prefill_s": ttft - vision_s,
         "decode_s": decode,
-        "decode_tokens_per_s": (len(marks) - 1) / decode if decode > 0 else None,
+        "decode_tokens_per_s": (steps[0] - 1) / decode if decode > 0 and steps[0] > 1 else None,
         "peak_memory_bytes": timer.peak(),
         "slices_kept": pixels.num_slices,
         "slices_total": pixels.num_slices,
         "visual_tokens_kept": tokens_total,
         "visual_tokens_total": tokens_total,
         "prompt_tokens": int(input_ids.shape[1]),
+        "generated_tokens": steps[0],
+        "decode_path": STOCK_DECODE_PATH,
     }
 
 
@@ -160,7 +197,7 @@ def _run_engine(engine, images, op, settings: BenchSettings, timer: _Timer, enco
     name, slice_share, token_share = op
     timer.reset_peak()
     return engine.ask(images, settings.question, PruningConfig(), max_new_tokens=settings.max_new_tokens,
-                      ignore_eos=True, slice_mask=_slice_mask(len(images), slice_share),
+                      ignore_eos=True, decode=settings.decode, slice_mask=_slice_mask(len(images), slice_share),
                       token_budget=token_share, encode_dropped=encode_dropped)
 
 
@@ -187,7 +224,8 @@ def _run_ideal(engine, pixels, pruned, settings: BenchSettings, timer: _Timer):
         token_scores=pruned.token_scores, token_role=pruned.token_role,
         visual_keep=torch.from_numpy(visual_keep.reshape(-1)), visual_embeds=embeds, visual_features=token_features,
     )
-    result = engine.ask(ideal, settings.question, max_new_tokens=settings.max_new_tokens, ignore_eos=True)
+    result = engine.ask(ideal, settings.question, max_new_tokens=settings.max_new_tokens, ignore_eos=True,
+                        decode=settings.decode)
     result.timings["vision"] = vision
     return result
 
@@ -195,7 +233,8 @@ def _run_ideal(engine, pixels, pruned, settings: BenchSettings, timer: _Timer):
 def _run_followup(engine, prepared, settings: BenchSettings, timer: _Timer):
     """A follow-up question on an already prepared volume: only the question is prefilled."""
     timer.reset_peak()
-    return engine.ask(prepared, FOLLOWUP_QUESTION, max_new_tokens=settings.max_new_tokens, ignore_eos=True)
+    return engine.ask(prepared, FOLLOWUP_QUESTION, max_new_tokens=settings.max_new_tokens, ignore_eos=True,
+                      decode=settings.decode)
 
 
 def _stats(values: list[float | None]) -> dict[str, float | None]:
@@ -208,10 +247,14 @@ def _stats(values: list[float | None]) -> dict[str, float | None]:
 
 
 def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = ("ttft_s", "vision_s", "pruning_s", "prefill_s", "decode_s", "decode_tokens_per_s", "peak_memory_bytes")
+    keys = ("tta_s", "ttft_s", "vision_s", "pruning_s", "prefill_s", "decode_s", "decode_tokens_per_s",
+            "peak_memory_bytes")
     summary = {key: _stats([run[key] for run in runs]) for key in keys}
-    for key in ("slices_kept", "slices_total", "visual_tokens_kept", "visual_tokens_total", "prompt_tokens"):
+    for key in ("slices_kept", "slices_total", "visual_tokens_kept", "visual_tokens_total", "prompt_tokens",
+                "generated_tokens"):
         summary[key] = runs[-1][key]
+    paths = sorted({run["decode_path"] for run in runs})
+    summary["decode_path"] = paths[0] if len(paths) == 1 else " | ".join(paths)
     return summary
 
 
@@ -224,7 +267,12 @@ def _ratios(modes: dict[str, Any], op_name: str) -> dict[str, float | None]:
     full, pruned = med["full"], med[f"pruned:{op_name}"]
     reference, ideal = med[f"reference:{op_name}"], med[f"ideal:{op_name}"]
     p, i, f = modes[f"pruned:{op_name}"], modes[f"ideal:{op_name}"], modes["full"]
+    tta = {m: modes[m]["tta_s"]["median"] for m in modes}
     return {
+        "full_over_pruned_tta": _ratio(tta["full"], tta[f"pruned:{op_name}"]),
+        "pruned_over_ideal_tta": _ratio(tta[f"pruned:{op_name}"], tta[f"ideal:{op_name}"]),
+        "reference_over_pruned_tta": _ratio(tta[f"reference:{op_name}"], tta[f"pruned:{op_name}"]),
+        "decode_speed_pruned_over_full": _ratio(p["decode_tokens_per_s"]["median"], f["decode_tokens_per_s"]["median"]),
         "full_over_pruned": _ratio(full, pruned),
         "pruned_over_ideal": _ratio(pruned, ideal),
         "reference_over_pruned": _ratio(reference, pruned),
@@ -239,7 +287,10 @@ def _ratios(modes: dict[str, Any], op_name: str) -> dict[str, float | None]:
 
 def _followup_ratios(modes: dict[str, Any]) -> dict[str, float | None]:
     followup = modes["followup:natural"]["ttft_s"]["median"]
+    followup_tta = modes["followup:natural"]["tta_s"]["median"]
     return {
+        "fresh_pruned_over_followup_tta": _ratio(modes["pruned:natural"]["tta_s"]["median"], followup_tta),
+        "full_over_followup_tta": _ratio(modes["full"]["tta_s"]["median"], followup_tta),
         "fresh_pruned_over_followup": _ratio(modes["pruned:natural"]["ttft_s"]["median"], followup),
         "full_over_followup": _ratio(modes["full"]["ttft_s"]["median"], followup),
     }
@@ -295,8 +346,11 @@ def run_bench(engine, settings: BenchSettings, progress=None) -> dict[str, Any]:
             "masks": used_masks,
             "raw": runs,
         })
+    last_modes = results[-1]["modes"] if results else {}
     return {
         "schema": "medpruner.bench/1",
+        "decode_path": last_modes.get("pruned:natural", {}).get("decode_path"),
+        "stock_decode_path": STOCK_DECODE_PATH,
         "model_id": engine.model_id,
         "model_family": adapter.family,
         "device": _device_name(engine.device),
@@ -330,15 +384,16 @@ NOISE_LIMIT = 0.25
 
 
 def noisy_measurements(record: dict[str, Any], limit: float = NOISE_LIMIT) -> list[str]:
-    """'16 slices, pruned:natural (+-41 %)' for every mode whose repeats disagree by more than `limit`."""
+    """'16 slices, pruned:natural (+-41 %)' for every mode whose repeats (of TTA or TTFT, the wider)
+    disagree by more than `limit`."""
     noisy = []
     for entry in record["results"]:
         for mode, summary in entry["modes"].items():
-            ttft = summary["ttft_s"]
-            if ttft["median"] and ttft["q3"] is not None and ttft["q1"] is not None:
-                spread = (ttft["q3"] - ttft["q1"]) / ttft["median"]
-                if spread > limit:
-                    noisy.append(f"{entry['slices']} slices, {mode} (+-{spread * 50:.0f} %)")
+            spreads = [(t["q3"] - t["q1"]) / t["median"] for t in (summary.get("tta_s"), summary["ttft_s"])
+                       if t and t["median"] and t["q3"] is not None and t["q1"] is not None]
+            spread = max(spreads, default=0.0)
+            if spread > limit:
+                noisy.append(f"{entry['slices']} slices, {mode} (+-{spread * 50:.0f} %)")
     return noisy
 
 
@@ -353,14 +408,42 @@ def noise_warning(record: dict[str, Any]) -> str | None:
             "--repeats before trusting these ratios.")
 
 
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def markdown_table(record: dict[str, Any]) -> str:
-    """The README-ready table: medians of TTFT per mode and the ratios that matter."""
+    """The README-ready tables: time to answer first (the headline), then time to first token, then follow-ups."""
     warning = noise_warning(record)
+    settings = record["settings"]
+    engine_path = record.get("decode_path") or "-"
+    stock_path = record.get("stock_decode_path") or STOCK_DECODE_PATH
     lines = [
         f"Model: {record['model_id']} on {record['device']} ({record['dtype']}), "
-        f"{record['settings']['repeats']} repeats, {record['settings']['max_new_tokens']} new tokens. "
-        "TTFT = vision + pruning + prefill, median in ms.",
+        f"{settings['repeats']} repeats, {settings['max_new_tokens']} new tokens. "
+        "TTA (time to answer) = TTFT + decoding every answer token; TTFT = vision + pruning + prefill; medians in ms. "
+        f"Decoding: engine modes {engine_path}, full (stock) {stock_path}.",
         *(["", f"**{warning}**"] if warning else []),
+        "",
+        "| slices | operating point | slices kept | visual tokens kept | TTA full | pruned | reference | ideal "
+        "| full/pruned | pruned/ideal | decode tok/s full | pruned |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for entry in record["results"]:
+        modes = entry["modes"]
+        for op, ratios in entry["ratios"].items():
+            p = modes[f"pruned:{op}"]
+            lines.append(
+                f"| {entry['slices']} | {op} | {p['slices_kept']}/{p['slices_total']} "
+                f"| {_pct(ratios['visual_token_share'])} "
+                f"| {_ms(modes['full']['tta_s']['median'])} | {_ms(p['tta_s']['median'])} "
+                f"| {_ms(modes[f'reference:{op}']['tta_s']['median'])} | {_ms(modes[f'ideal:{op}']['tta_s']['median'])} "
+                f"| {_x(ratios['full_over_pruned_tta'])} | {_x(ratios['pruned_over_ideal_tta'])} "
+                f"| {_rate(modes['full']['decode_tokens_per_s']['median'])} | {_rate(p['decode_tokens_per_s']['median'])} |"
+            )
+    lines += [
+        "",
+        "Time to first token, median in ms:",
         "",
         "| slices | operating point | slices kept | visual tokens kept | TTFT full | pruned | reference | ideal "
         "| full/pruned | pruned/ideal | reference/pruned | overhead | vision pruned/full | peak mem pruned/ideal |",
@@ -381,17 +464,20 @@ def markdown_table(record: dict[str, Any]) -> str:
             )
     lines += [
         "",
-        "Follow-up question on the same volume (pruned visual prefix and its KV cache reused), TTFT median in ms:",
+        "Follow-up question on the same volume (pruned visual prefix and its KV cache reused), medians in ms:",
         "",
-        "| slices | follow-up | fresh pruned ask | full (stock) | fresh/follow-up | full/follow-up |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| slices | follow-up TTA | TTFT | fresh pruned TTA | full (stock) TTA | fresh/follow-up TTA "
+        "| full/follow-up TTA | full/follow-up TTFT |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for entry in record["results"]:
         modes, ratios = entry["modes"], entry["followup"]
+        followup = modes["followup:natural"]
         lines.append(
-            f"| {entry['slices']} | {_ms(modes['followup:natural']['ttft_s']['median'])} "
-            f"| {_ms(modes['pruned:natural']['ttft_s']['median'])} | {_ms(modes['full']['ttft_s']['median'])} "
-            f"| {_x(ratios['fresh_pruned_over_followup'])} | {_x(ratios['full_over_followup'])} |"
+            f"| {entry['slices']} | {_ms(followup['tta_s']['median'])} | {_ms(followup['ttft_s']['median'])} "
+            f"| {_ms(modes['pruned:natural']['tta_s']['median'])} | {_ms(modes['full']['tta_s']['median'])} "
+            f"| {_x(ratios['fresh_pruned_over_followup_tta'])} | {_x(ratios['full_over_followup_tta'])} "
+            f"| {_x(ratios['full_over_followup'])} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -401,22 +487,25 @@ def _plots(record: dict[str, Any], out: Path) -> list[Path]:
 
     ops = list(record["results"][0]["ratios"])
     counts = [entry["slices"] for entry in record["results"]]
-    fig = Figure(figsize=(4.2 * len(ops), 3.6), layout="constrained")
-    axes = fig.subplots(1, len(ops), squeeze=False)[0]
-    for ax, op in zip(axes, ops):
-        for mode in ("full", *[f"{m}:{op}" for m in ENGINE_MODES]):
-            med = [e["modes"][mode]["ttft_s"]["median"] * 1000 for e in record["results"]]
-            low = [e["modes"][mode]["ttft_s"]["q1"] * 1000 for e in record["results"]]
-            high = [e["modes"][mode]["ttft_s"]["q3"] * 1000 for e in record["results"]]
-            ax.plot(counts, med, marker="o", label=mode.split(":")[0])
-            ax.fill_between(counts, low, high, alpha=0.2)
-        ax.set_title(f"operating point: {op}")
-        ax.set_xlabel("slices")
-        ax.set_ylabel("time to first token (ms)")
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.suptitle(f"{record['model_id']} on {record['device']}")
-    ttft_path = write_atomic(out / "bench_ttft.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110), ".png")
+    paths = []
+    for key, name, label in (("tta_s", "bench_tta.png", "time to answer (ms)"),
+                             ("ttft_s", "bench_ttft.png", "time to first token (ms)")):
+        fig = Figure(figsize=(4.2 * len(ops), 3.6), layout="constrained")
+        axes = fig.subplots(1, len(ops), squeeze=False)[0]
+        for ax, op in zip(axes, ops):
+            for mode in ("full", *[f"{m}:{op}" for m in ENGINE_MODES]):
+                med = [e["modes"][mode][key]["median"] * 1000 for e in record["results"]]
+                low = [e["modes"][mode][key]["q1"] * 1000 for e in record["results"]]
+                high = [e["modes"][mode][key]["q3"] * 1000 for e in record["results"]]
+                ax.plot(counts, med, marker="o", label=mode.split(":")[0])
+                ax.fill_between(counts, low, high, alpha=0.2)
+            ax.set_title(f"operating point: {op}")
+            ax.set_xlabel("slices")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+        axes[0].legend()
+        fig.suptitle(f"{record['model_id']} on {record['device']}")
+        paths.append(write_atomic(out / name, lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=110), ".png"))
 
     last = record["results"][-1]
     op = ops[-1]
@@ -424,19 +513,19 @@ def _plots(record: dict[str, Any], out: Path) -> list[Path]:
     fig = Figure(figsize=(6.5, 3.6), layout="constrained")
     ax = fig.subplots()
     bottom = np.zeros(len(modes))
-    for stage in ("vision_s", "pruning_s", "prefill_s"):
+    for stage in ("vision_s", "pruning_s", "prefill_s", "decode_s"):
         values = np.array([last["modes"][m][stage]["median"] * 1000 for m in modes])
         ax.bar([m.split(":")[0] for m in modes], values, bottom=bottom, label=stage[:-2])
         bottom += values
     ax.set_ylabel("ms (median)")
-    ax.set_title(f"Time to first token by stage, {last['slices']} slices, {op}")
+    ax.set_title(f"Time to answer by stage, {last['slices']} slices, {op}")
     ax.legend()
-    split_path = write_atomic(out / "bench_split.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110), ".png")
-    return [ttft_path, split_path]
+    paths.append(write_atomic(out / "bench_split.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110), ".png"))
+    return paths
 
 
 def write_outputs(record: dict[str, Any], out_dir: str | Path) -> list[Path]:
-    """bench.json, bench.md, bench_ttft.png and bench_split.png in out_dir."""
+    """bench.json, bench.md, bench_tta.png, bench_ttft.png and bench_split.png in out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(record, indent=2, allow_nan=False) + "\n"

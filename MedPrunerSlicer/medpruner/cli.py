@@ -1,7 +1,8 @@
 """`medpruner` command line: demo, ask (and serve, bench when installed).
 
 Exit codes: 0 done, 2 bad input or model (one line saying what is wrong and what to do, nothing
-written), 130 interrupted. Progress goes to stderr, results to stdout.
+written), 130 interrupted. Progress goes to stderr, results to stdout; on a terminal the answer is
+also printed as it is generated, before the summary (never when stdout is piped or with --json).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from . import __version__
 from .config import PruningConfig
@@ -27,6 +28,29 @@ TINY_WARNING = (
 )
 
 
+class _LiveAnswer:
+    """The answer on a terminal as it is generated: an "Answer: " line that grows token by token."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.open = False     # the line is started and not ended yet
+
+    def __call__(self, delta: str, text: str) -> None:
+        if not delta:
+            return
+        if not self.open:
+            self.out.write("Answer: ")
+            self.open = True
+        self.out.write(delta)
+        self.out.flush()
+
+    def close(self) -> None:
+        if self.open:
+            self.out.write("\n")
+            self.out.flush()
+            self.open = False
+
+
 class _StderrProgress:
     """One line per stage (and every 25 % of long stages), so logs stay readable."""
 
@@ -35,12 +59,17 @@ class _StderrProgress:
         self.stage = None
         self.mark = 0.0
         self.started = time.perf_counter()
+        self.live: _LiveAnswer | None = None   # a growing answer line on the same terminal
 
     def say(self, text: str) -> None:
         if not self.quiet:
+            if self.live is not None:
+                self.live.close()   # a progress line must not land in the middle of the answer
             print(f"medpruner: {text}", file=sys.stderr, flush=True)
 
     def __call__(self, stage: str, fraction: float) -> None:
+        if stage == "answer" and self.live is not None and self.live.open:
+            return   # the growing answer is this stage's progress
         if stage != self.stage:
             self.stage, self.mark = stage, fraction
             self.say(f"[{stage}] {fraction * 100:3.0f}%  ({time.perf_counter() - self.started:.1f} s)")
@@ -171,7 +200,13 @@ def _run(args: argparse.Namespace, model: str, volume: Any, question: str) -> in
         progress.say(f"[load] volume {volume}")
         image = load_volume(volume, series_uid=request.series_uid)   # refuse a bad volume before loading a model
     engine = _load_engine(model, args.device, args.dtype, progress)
-    report = run_ask(engine, image, request, out_dir, progress=progress)
+    live = _LiveAnswer(sys.stdout) if not args.json and sys.stdout.isatty() else None
+    progress.live = live
+    try:
+        report = run_ask(engine, image, request, out_dir, progress=progress, on_text=live)
+    finally:
+        if live is not None:
+            live.close()
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -291,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench_models import BENCH_CONFIGS
 
     bench = commands.add_parser(
-        "bench", help="measure time to first token with and without pruning, as ratios in one run",
+        "bench", help="measure time to the whole answer (and to its first token) with and without pruning, as ratios in one run",
         description="Times full (stock model), pruned, reference-style (encode all, then prune) and ideal "
                     "(stock encoder on kept slices + stock prefill on kept tokens) runs, interleaved, at the "
                     "model's own decisions and at fixed operating points (50% of slices, 10%/5% of tokens).")

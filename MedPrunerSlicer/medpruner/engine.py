@@ -29,6 +29,7 @@ from .result import AskResult
 
 ProgressFn = Callable[[str, float], None]
 CancelFn = Callable[[], bool]
+TextFn = Callable[[str, str], None]   # (delta, answer so far)
 
 MAX_QUESTION_CHARS = 4000
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -45,6 +46,9 @@ class PrefixCache:
     ids: torch.Tensor       # (1, P) ids of the FULL prompt's prefix (up to its last visual token)
     cache: Any              # the stock model's cache object holding the kept prefix tokens
     kept_length: int        # tokens in the cache
+    # Position of the first text token after the prefix, when text there takes consecutive positions
+    # from it in every row (checked on the probe prompt); None: positions come from the full prompt.
+    text_position: int | None = None
 
 
 @dataclass
@@ -174,6 +178,162 @@ class _Clock:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 
 
+class TextStream:
+    """The answer's text as it grows, token by token, in O(1) work per token.
+
+    Each token's text is the difference between decoding a short window of trailing ids with and
+    without it (the window starts where the text last was complete), so a byte-level token that
+    ends in the middle of a character (decodes to U+FFFD) is held back until the character is
+    complete. The deltas concatenate exactly to `decode(ids, skip_special_tokens=True).strip()`:
+    leading whitespace is never emitted and trailing whitespace is held until text follows it.
+    """
+
+    # Ids kept pending while the window's text ends in U+FFFD: far more than a character's bytes,
+    # so only bytes that can never form a character get emitted (as U+FFFD) when it is reached.
+    HOLD_LIMIT = 16
+
+    def __init__(self, tokenizer: Any, on_text: TextFn | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.on_text = on_text
+        self.ids: list[int] = []
+        self.text = ""            # what was emitted: always a prefix of the final answer
+        self._start = 0           # window start: the text was complete up to here
+        self._read = 0            # ids before this are in the emitted (or held) text
+        self._held = ""           # trailing whitespace not emitted yet
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, token: int, last: bool = False) -> str:
+        """Add a generated token; returns (and passes to on_text) the new text, possibly ""."""
+        self.ids.append(int(token))
+        before = self._decode(self.ids[self._start:self._read])
+        after = self._decode(self.ids[self._start:])
+        delta = ""
+        pending = len(self.ids) - self._read
+        if last or not after.endswith("\ufffd") or pending >= self.HOLD_LIMIT:
+            raw = self._held + after[len(before):]
+            self._start, self._read = self._read, len(self.ids)
+            if not self.text:
+                raw = raw.lstrip()
+            body = raw.rstrip()
+            self._held = "" if last else raw[len(body):]
+            delta = body
+            self.text += delta
+        if self.on_text is not None:
+            self.on_text(delta, self.text)
+        return delta
+
+
+# How `ask` decodes. "auto": "cuda-graph" on CUDA, "static" elsewhere.
+DECODE_MODES = ("auto", "cuda-graph", "static", "dynamic")
+DECODE_PATHS = {
+    "cuda-graph": "static-cache+cuda-graph",
+    "static": "static-cache",
+    "dynamic": "dynamic-cache (eager)",
+}
+
+
+class _DynamicDecoder:
+    """The reference decoder: the stock dynamic cache, one eager step per token (`adapter.decode_step`)."""
+
+    path = DECODE_PATHS["dynamic"]
+
+    def __init__(self, adapter: ModelAdapter, cache: Any, logits: torch.Tensor, position: int) -> None:
+        self.adapter, self.cache, self.logits, self.position = adapter, cache, logits, position
+
+    def first(self) -> int:
+        return int(torch.argmax(self.logits[-1]))
+
+    def launch(self, token: int) -> None:
+        self.logits = self.adapter.decode_step(token, self.position, self.cache)[None]
+        self.position += 1
+
+    def read(self) -> int:
+        return int(torch.argmax(self.logits[-1]))
+
+
+class _StaticDecoder:
+    """Greedy decoding on a static cache, the next token and its position kept on the device.
+
+    One step (`_step`) reads the token and position buffers, runs the stock language model on the
+    preallocated cache, and writes the next token and position back in place: no host transfer and
+    no shape that changes, so on CUDA the step is captured once as a CUDA graph and replayed for
+    every later token (after WARMUP eager steps on a side stream, as CUDA graphs require). The host
+    reads each token once (`read`), after the next step is already queued (`launch`), so reading
+    and the caller's per-token work overlap the GPU. Greedy ids are those of `_DynamicDecoder`.
+    """
+
+    WARMUP = 2
+
+    def __init__(self, adapter: ModelAdapter, cache: Any, logits: torch.Tensor, position: int,
+                 use_graph: bool) -> None:
+        self.adapter, self.cache = adapter, cache
+        device = logits.device
+        self.ids = torch.argmax(logits[-1]).reshape(1, 1)
+        self.positions = torch.full((adapter.position_rows, 1), position, dtype=torch.long, device=device)
+        self.use_graph = use_graph and device.type == "cuda"
+        self.side = torch.cuda.Stream(device) if self.use_graph else None
+        self.graph: Any = None
+        self.launched = 0
+        self.path = DECODE_PATHS["static"]   # until a graph is captured
+
+    def _step(self) -> None:
+        logits = self.adapter.extend(self.ids, self.positions, self.cache)
+        self.ids.copy_(torch.argmax(logits[-1]).reshape(1, 1))
+        self.positions.add_(1)
+
+    def first(self) -> int:
+        """The first answer token (the prefill's argmax), read once."""
+        return int(self.ids)
+
+    def launch(self, token: int) -> None:
+        """Queue the step after `token` (already in the device buffer: the argument is not read)."""
+        self.launched += 1
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.use_graph and self.launched <= self.WARMUP:
+            current = torch.cuda.current_stream(self.ids.device)
+            self.side.wait_stream(current)
+            with torch.cuda.stream(self.side):
+                self._step()
+            current.wait_stream(self.side)
+        elif self.use_graph:
+            self._capture()
+        else:
+            self._step()
+
+    def _capture(self) -> None:
+        """Capture one step (capturing runs nothing), then replay it; eager steps if capture fails.
+
+        `capture_begin`/`capture_end` rather than `torch.cuda.graph`, which empties the allocator's
+        cache first: the next ask's vision and prefill would then pay for fresh device allocations.
+        """
+        device = self.ids.device
+        graph = torch.cuda.CUDAGraph()
+        self.side.wait_stream(torch.cuda.current_stream(device))
+        try:
+            with torch.cuda.stream(self.side):
+                graph.capture_begin(capture_error_mode="thread_local")
+                try:
+                    self._step()
+                finally:
+                    graph.capture_end()
+        except RuntimeError as exc:      # an op of the stock step that a graph cannot hold
+            torch.cuda.synchronize(device)
+            self.use_graph = False
+            self.path = f"{DECODE_PATHS['static']} (CUDA graph capture failed: {str(exc).splitlines()[0][:200]})"
+            self._step()
+            return
+        self.graph = graph
+        self.path = DECODE_PATHS["cuda-graph"]
+        graph.replay()
+
+    def read(self) -> int:
+        """The token the last launched step wrote: the one host sync per token."""
+        return int(self.ids)
+
+
 class MedPruner:
     """A stock transformers VLM with MedPruner pruning; load with `MedPruner.from_pretrained`."""
 
@@ -183,6 +343,8 @@ class MedPruner:
         # The tiny random-weight demo checkpoint (medpruner.tiny marks it): its answers are meaningless,
         # and every report and the server's health say so.
         self.is_demo_model = Path(model_id, "MEDPRUNER_TINY.txt").is_file()
+        # How `ask` decodes unless told otherwise (one of DECODE_MODES); "dynamic" is the reference path.
+        self.decode = "auto"
 
     # -- loading --------------------------------------------------------------------------------
     @classmethod
@@ -381,6 +543,8 @@ class MedPruner:
         progress: ProgressFn | None = None,
         cancel: CancelFn | None = None,
         ignore_eos: bool = False,
+        on_text: TextFn | None = None,
+        decode: str | None = None,
         **prepare_options: Any,
     ) -> AskResult:
         """Answer `question` about `slices`, or about a PreparedVolume (a follow-up), with greedy decoding.
@@ -390,11 +554,17 @@ class MedPruner:
         (pixels, decisions and the KV cache of the pruned visual prefix) and only prefills the question; its timings count only the work it did, and
         `result.prefix_reused` is True. `ignore_eos=True` always generates max_new_tokens tokens
         (fixed-length runs for benchmarks); `prepare_options` go to `prepare` (benchmark controls).
+        `on_text(delta, text_so_far)` is called after each generated token (delta may be "" while a
+        character is incomplete or trailing whitespace is held back); the deltas concatenate exactly to
+        `result.answer` (see `TextStream`). `decode` (default `self.decode`, "auto") picks the decoder,
+        one of DECODE_MODES: "auto" is "cuda-graph" on CUDA and "static" elsewhere; every mode gives
+        the same greedy ids, and `result.decode_path` says which one ran.
         """
         start = time.perf_counter()
         question = _check_question(question)
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+        mode = self._decode_mode(decode)
         fresh = not isinstance(slices, PreparedVolume)
         if fresh:
             if self.device.type == "cuda":
@@ -410,21 +580,33 @@ class MedPruner:
 
         notify("answer", 0.0)
         with clock.stage("prefill"):
+            # A static cache holds the prompt and every answer token but the last (never fed back).
+            room = None if mode == "dynamic" else max_new_tokens - 1
             logits, cache, next_position, full_length, kept_length = self._prefill_question(
-                prepared, question, copy_prefix=not fresh
+                prepared, question, copy_prefix=not fresh, room=room
             )
         token_ids: list[int] = []
         eos = set() if ignore_eos else self.adapter.eos_token_ids()
+        stream = TextStream(self.tokenizer, on_text) if on_text is not None else None
         with clock.stage("decode"):
+            if mode == "dynamic":
+                decoder: Any = _DynamicDecoder(self.adapter, cache, logits, next_position)
+            else:
+                decoder = _StaticDecoder(self.adapter, cache, logits, next_position, use_graph=mode == "cuda-graph")
+            token = decoder.first()
             for step in range(max_new_tokens):
-                token = int(torch.argmax(logits[-1]))
                 token_ids.append(token)
+                last = token in eos or step + 1 == max_new_tokens
+                if not last:
+                    decoder.launch(token)      # queued before this token's host work, which overlaps it
+                if stream is not None:
+                    stream.push(token, last)
                 notify("answer", (step + 1) / max_new_tokens)
-                if token in eos or step + 1 == max_new_tokens:
+                if last:
                     break
                 if stop():
                     raise Cancelled()
-                logits = self.adapter.decode_step(token, next_position + step, cache)[None]
+                token = decoder.read()
         if fresh:
             timings = {k: prepared.timings.get(k, 0.0) for k in ("preprocess", "vision", "pruning")}
             timings["prefill"] = prepared.timings.get("prefix", 0.0) + clock.timings["prefill"]
@@ -456,7 +638,17 @@ class MedPruner:
             model_id=self.model_id,
             config=prepared.config.to_dict(),
             prefix_reused=not fresh and prepared.prefix is not None,
+            decode_path=decoder.path,
         )
+
+    def _decode_mode(self, decode: str | None) -> str:
+        """The decoder `ask` runs: "auto" resolved for this device."""
+        mode = self.decode if decode is None else decode
+        if mode not in DECODE_MODES:
+            raise InputError(f"decode must be one of {', '.join(DECODE_MODES)}; got {mode!r}.")
+        if mode == "auto":
+            return "cuda-graph" if self.device.type == "cuda" else "static"
+        return mode
 
     @torch.inference_mode()
     def prefill_logits(self, slices: Any, question: str, config: PruningConfig | None = None) -> torch.Tensor:
@@ -464,13 +656,19 @@ class MedPruner:
         prepared = slices if isinstance(slices, PreparedVolume) else self.prepare(slices, config)
         return self._prefill(prepared, _check_question(question), all_logits=True)[0]
 
-    def _prefill(self, prepared: PreparedVolume, question: str, all_logits: bool = False):
-        """Full prompt -> keep mask -> stock language model on kept tokens at their original positions, in one pass."""
+    def _prefill(self, prepared: PreparedVolume, question: str, all_logits: bool = False, room: int | None = None):
+        """Full prompt -> keep mask -> stock language model on kept tokens at their original positions, in one pass.
+
+        room None: into a new stock dynamic cache; else into a static cache with `room` free slots.
+        """
         input_ids, positions, next_position, _, keep = self._full_prompt(prepared, question)
+        kept_length = int(keep.sum())
+        cache = None if room is None else self.adapter.static_cache(kept_length + room)
         logits, cache = self.adapter.prefill(
-            input_ids[:, keep], prepared.visual_embeds, prepared.visual_features, positions[:, keep], all_logits
+            input_ids[:, keep], prepared.visual_embeds, prepared.visual_features, positions[:, keep], all_logits,
+            cache=cache,
         )
-        return logits, cache, next_position, int(input_ids.shape[1]), int(keep.sum())
+        return logits, cache, next_position, int(input_ids.shape[1]), kept_length
 
     def _full_prompt(self, prepared: PreparedVolume, question: str):
         """Full prompt ids, positions, next position, and the keep mask over the sequence.
@@ -493,24 +691,49 @@ class MedPruner:
 
     def _prefix_cache(self, prepared: PreparedVolume) -> PrefixCache:
         """Prefill the kept tokens of the prompt up to its last visual token; keep the cache."""
-        input_ids, positions, _, visual, keep = self._full_prompt(prepared, _PREFIX_PROBE_QUESTION)
+        input_ids, positions, next_position, visual, keep = self._full_prompt(prepared, _PREFIX_PROBE_QUESTION)
         length = int(torch.nonzero(visual).max()) + 1
         kept = keep[:length]
         _, cache = self.adapter.prefill(
             input_ids[:, :length][:, kept], prepared.visual_embeds, prepared.visual_features,
             positions[:, :length][:, kept],
         )
-        return PrefixCache(ids=input_ids[:, :length], cache=cache, kept_length=int(kept.sum()))
+        # Text after the visual prefix continues from one past its largest position (pruned tokens
+        # included), in every row, for every family here; checked on this prompt, so a follow-up
+        # can skip recomputing the positions of the whole prompt (M-RoPE: ~10 ms of host time at 64 slices).
+        start = int(positions[:, :length].max()) + 1
+        tail = input_ids.shape[1] - length
+        expected = start + torch.arange(tail, dtype=positions.dtype).expand(positions.shape[0], tail)
+        follows = torch.equal(positions[:, length:], expected) and next_position == start + tail
+        return PrefixCache(ids=input_ids[:, :length], cache=cache, kept_length=int(kept.sum()),
+                           text_position=start if follows else None)
 
-    def _prefill_question(self, prepared: PreparedVolume, question: str, copy_prefix: bool):
-        """Prefill only the question's tokens on top of the cached prefix (a copy of it for follow-ups)."""
+    def _prefill_question(self, prepared: PreparedVolume, question: str, copy_prefix: bool, room: int | None = None):
+        """Prefill only the question's tokens on top of the cached prefix (a copy of it for follow-ups).
+
+        room None: on the stock dynamic cache (copied when copy_prefix); else on a static cache with
+        `room` free slots after the question, filled from the prefix (always a copy).
+        """
         prefix = prepared.prefix
         if prefix is None:
-            return self._prefill(prepared, question)
-        input_ids, positions, next_position, _, keep = self._full_prompt(prepared, question)
+            return self._prefill(prepared, question, room=room)
         length = prefix.ids.shape[1]
+        if prefix.text_position is None:
+            input_ids, positions, next_position, _, _ = self._full_prompt(prepared, question)
+        else:   # only the question's positions, which follow the prefix's (see _prefix_cache)
+            input_ids = self.adapter.prompt_ids(prepared.num_slices, prepared.tokens_per_slice, question)
+            tail = input_ids.shape[1] - length
+            # (the prefix's own positions are never read again: its cache holds them)
+            positions = torch.full((self.adapter.position_rows, input_ids.shape[1]), -1, dtype=torch.long)
+            positions[:, length:] = prefix.text_position + torch.arange(tail)
+            next_position = prefix.text_position + tail
         if not torch.equal(input_ids[:, :length], prefix.ids):   # a template whose prefix depends on the question
-            return self._prefill(prepared, question)
-        cache = copy.deepcopy(prefix.cache) if copy_prefix else prefix.cache
+            return self._prefill(prepared, question, room=room)
+        kept_length = prefix.kept_length + input_ids.shape[1] - length
+        if room is None:
+            cache = copy.deepcopy(prefix.cache) if copy_prefix else prefix.cache
+        else:
+            cache = self.adapter.static_cache(kept_length + room)
+            self.adapter.fill_cache(cache, prefix.cache, prefix.kept_length)
         logits = self.adapter.extend(input_ids[:, length:], positions[:, length:], cache)
-        return logits, cache, next_position, int(input_ids.shape[1]), prefix.kept_length + input_ids.shape[1] - length
+        return logits, cache, next_position, int(input_ids.shape[1]), kept_length

@@ -19,6 +19,7 @@ from .report import build_report, write_json_atomic
 
 ProgressFn = Callable[[str, float], None]
 CancelFn = Callable[[], bool]
+TextFn = Callable[[str, str], None]   # (delta, answer so far), as MedPruner.ask calls it
 
 AXES = ("axial", "coronal", "sagittal")
 MAX_NEW_TOKENS_LIMIT = 4096
@@ -194,6 +195,7 @@ def run_ask(
     prepared_cache=None,
     volume_id: str | None = None,
     make_parents: bool = True,
+    on_text: TextFn | None = None,
 ) -> dict[str, Any]:
     """Answer `request` about `volume` (a path, or an already loaded SimpleITK image); write OUTPUT_FILES
     into `out_dir`; return the report.
@@ -204,6 +206,8 @@ def run_ask(
     The volume is read and validated before anything is computed, and nothing is written before the
     answer exists; the four files are written beside `out_dir` and moved in together (`outputs.staged_outputs`),
     so a rejected input, a cancelled job or an interrupted write leaves `out_dir` as it was.
+    `on_text(delta, text_so_far)` follows the answer token by token (`MedPruner.ask`); its deltas
+    concatenate to the report's "answer". The unpruned answer of `compare` is not streamed.
     """
     from .heatmaps import build_heatmaps, write_image_atomic
     from .overview import render_overview, slice_captions
@@ -226,7 +230,7 @@ def run_ask(
     stack, prepared = entry.stack, entry.prepared
     adapter = engine.adapter
     result = engine.ask(prepared, request.question, max_new_tokens=request.max_new_tokens,
-                        progress=tracker, cancel=cancel)
+                        progress=tracker, cancel=cancel, on_text=on_text)
     if not reused:   # this call did the preparation too: report every stage it ran
         for name in ("preprocess", "vision", "pruning"):
             result.timings[name] = prepared.timings.get(name, 0.0)

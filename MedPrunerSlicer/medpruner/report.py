@@ -119,6 +119,7 @@ def build_report(engine, request, stack, result, unpruned=None) -> dict[str, Any
         },
         "generated_token_ids": list(result.token_ids),
         "timings_s": dict(result.timings),
+        "decode_path": result.decode_path,
         "peak_memory_bytes": result.peak_memory_bytes,
         "labels": {str(k): {"name": v["name"], "rgba": list(v["rgba"])} for k, v in KEPT_LABELS.items()},
         "mapping": mapping.to_dict(),

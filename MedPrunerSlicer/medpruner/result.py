@@ -43,6 +43,7 @@ class AskResult:
     model_id: str = ""
     config: dict[str, Any] = field(default_factory=dict)
     prefix_reused: bool = False   # a follow-up answered from the cached pruned prefix
+    decode_path: str = ""         # how the answer was decoded, e.g. "static-cache+cuda-graph" (engine.DECODE_PATHS)
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(
@@ -61,5 +62,6 @@ class AskResult:
                 "model_id": self.model_id,
                 "config": dict(self.config),
                 "prefix_reused": self.prefix_reused,
+                "decode_path": self.decode_path,
             }
         )

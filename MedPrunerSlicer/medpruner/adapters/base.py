@@ -14,6 +14,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from .scores import received_attention  # noqa: F401  (the adapters' score capture; re-exported)
+
 
 @dataclass
 class SlicePixels:
@@ -132,8 +134,11 @@ class ModelAdapter(ABC):
         visual_features: dict[str, list[torch.Tensor]],
         positions: torch.Tensor,
         all_logits: bool = False,
+        cache: Any = None,
     ) -> tuple[torch.Tensor, Any]:
-        """Stock language model on the (already filtered) sequence; returns (logits, cache)."""
+        """Stock language model on the (already filtered) sequence; returns (logits, cache).
+
+        cache None: a new stock dynamic cache; else an empty cache to fill (e.g. `static_cache`)."""
 
     @abstractmethod
     def extend(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
@@ -148,6 +153,30 @@ class ModelAdapter(ABC):
         positions = torch.full((self.position_rows, 1), position, dtype=torch.long, device=self.device)
         return self.extend(ids, positions, cache)[0]
 
+    def static_cache(self, length: int) -> Any:
+        """Preallocated KV buffers for `length` tokens: one full-length stock `StaticLayer` per decoder layer.
+
+        Sliding-window layers get a full-length layer too: the stock mask then applies their window
+        over cache slots from device tensors alone, so one captured decode step stays right at every
+        step (the stock sliding layer decides with Python counters, which a CUDA graph would freeze).
+        """
+        from transformers.cache_utils import Cache, StaticLayer
+
+        layers = self.model.config.get_text_config().num_hidden_layers
+        return Cache(layers=[StaticLayer(max_cache_len=length) for _ in range(layers)])
+
+    @staticmethod
+    def fill_cache(cache: Any, source: Any, length: int) -> None:
+        """Copy `source` (the stock dynamic cache of a `length`-token prefix) into the first slots of
+        the static `cache`; the prefix itself is left untouched, so follow-ups never see each other."""
+        for target, layer in zip(cache.layers, source.layers, strict=True):
+            stored = layer.keys.shape[-2]      # a sliding-window layer keeps only its last tokens
+            if not target.is_initialized:
+                target.lazy_initialization(layer.keys, layer.values)
+            target.keys[:, :, length - stored:length].copy_(layer.keys)
+            target.values[:, :, length - stored:length].copy_(layer.values)
+            target.cumulative_length.fill_(length)
+
     def eos_token_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id
         if eos is None:
@@ -155,25 +184,3 @@ class ModelAdapter(ABC):
         if eos is None:
             return set()
         return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
-
-
-def received_attention(q: torch.Tensor, k: torch.Tensor, scaling: float, budget_bytes: int = 256 * 2**20) -> torch.Tensor:
-    """Attention each key receives: softmax(q kᵀ * scaling) over keys, mean over heads, summed over queries.
-
-    q, k: (B, heads, N, d), B independent attention groups (slices, or windows of one length).
-    Returns (B, N) float32. Rows of the softmax are independent, so queries are taken a chunk at a
-    time, keeping each chunk's float32 scores under `budget_bytes` (never one matrix over all of B).
-    """
-    batch, heads, length, _ = q.shape
-    q, k = q.float(), k.float()
-    per_query = heads * length * 4
-    rows = max(1, budget_bytes // per_query)
-    groups = max(1, min(batch, rows // length))      # whole groups at a time when they fit
-    queries = min(length, rows)
-    out = torch.zeros(batch, length, dtype=torch.float32, device=q.device)
-    for first in range(0, batch, groups):
-        kb = k[first:first + groups].transpose(-1, -2)
-        for start in range(0, length, queries):
-            logits = q[first:first + groups, :, start:start + queries] @ kb
-            out[first:first + groups] += torch.softmax(logits * scaling, dim=-1).mean(dim=1).sum(dim=1)
-    return out

@@ -218,11 +218,12 @@ class Gemma3Adapter(ModelAdapter):
         visual_features: dict[str, list[torch.Tensor]],
         positions: torch.Tensor,
         all_logits: bool = False,
+        cache: Any = None,
     ) -> tuple[torch.Tensor, Any]:
         device = self.device
         embeds, image_mask = self._embed(input_ids.to(device))
         embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), visual_embeds.to(device, embeds.dtype))
-        cache = DynamicCache(config=self.model.config)
+        cache = DynamicCache(config=self.model.config) if cache is None else cache
         # The stock Gemma3Model path builds the bidirectional image blocks from the filtered token types.
         # The 2D mask of ones (as generate passes) keeps the stock mask code from reading gaps in the
         # original positions as boundaries of packed sequences.

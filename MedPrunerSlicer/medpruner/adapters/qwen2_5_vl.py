@@ -126,6 +126,7 @@ class Qwen2_5_VLAdapter(Qwen3VLAdapter):
         visual_features: dict[str, list[torch.Tensor]],
         positions: torch.Tensor,
         all_logits: bool = False,
+        cache: Any = None,
     ) -> tuple[torch.Tensor, Any]:
         device = self.device
         input_ids = input_ids.to(device)
@@ -133,7 +134,7 @@ class Qwen2_5_VLAdapter(Qwen3VLAdapter):
         visual_mask = input_ids == self.image_token_id
         embeds = embeds.masked_scatter(visual_mask.unsqueeze(-1), visual_embeds.to(device, embeds.dtype))
         out = self.model.model.language_model(
-            inputs_embeds=embeds, position_ids=positions.to(device)[:, None, :], use_cache=True
+            inputs_embeds=embeds, position_ids=positions.to(device)[:, None, :], cache=cache, use_cache=True
         )
         hidden = out.last_hidden_state if all_logits else out.last_hidden_state[:, -1:]
         return self.model.lm_head(hidden)[0], out.cache

@@ -18,9 +18,7 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_
 
 from ..prompt import expand_placeholder_ids, render_prompt, tokenize_prompt
 from .base import ModelAdapter, SlicePixels, VisionFeatures
-
-# Memory for one chunk of per-slice attention matrices while scoring (float32).
-SCORE_CHUNK_BYTES = 256 * 2**20
+from .scores import received_attention
 
 
 class Qwen3VLAdapter(ModelAdapter):
@@ -110,13 +108,9 @@ class Qwen3VLAdapter(ModelAdapter):
             patches = length // count              # the block attends within each slice (cu_seqlens)
             q = q.reshape(count, patches, attn.num_heads, -1).transpose(1, 2)   # (K, heads, patches, d)
             k = k.reshape(count, patches, attn.num_heads, -1).transpose(1, 2)
-            # Each slice's own attention matrix (never one over all slices), a chunk of slices at a time.
-            chunk = max(1, SCORE_CHUNK_BYTES // (attn.num_heads * patches * patches * 4))
-            received = []
-            for first in range(0, count, chunk):
-                logits = q[first:first + chunk].float() @ k[first:first + chunk].float().transpose(-1, -2)
-                received.append(torch.softmax(logits * attn.scaling, dim=-1).mean(dim=1).sum(dim=1))
-            seen["scores"] = torch.cat(received).reshape(count, -1, window).mean(dim=-1)
+            # Each slice's own attention (never one over all slices), without its N x N matrix.
+            received = received_attention(q, k, attn.scaling)                    # (K, patches) float32
+            seen["scores"] = received.reshape(count, -1, window).mean(dim=-1)
             pooled = k.float().transpose(1, 2).reshape(count, -1, window, attn.num_heads, k.shape[-1])
             seen["keys"] = pooled.mean(dim=2).mean(dim=2)
 
@@ -171,6 +165,7 @@ class Qwen3VLAdapter(ModelAdapter):
         visual_features: dict[str, list[torch.Tensor]],
         positions: torch.Tensor,
         all_logits: bool = False,
+        cache: Any = None,
     ) -> tuple[torch.Tensor, Any]:
         device = self.device
         input_ids = input_ids.to(device)
@@ -180,6 +175,7 @@ class Qwen3VLAdapter(ModelAdapter):
         out = self.model.model.language_model(
             inputs_embeds=embeds,
             position_ids=positions.to(device)[:, None, :],
+            cache=cache,
             use_cache=True,
             visual_pos_masks=visual_mask,
             deepstack_visual_embeds=visual_features.get("deepstack"),

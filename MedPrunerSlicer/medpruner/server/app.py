@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from .. import __version__
@@ -20,8 +20,10 @@ from ..errors import InputError
 from ..pipeline import preparation_settings, settings_differences
 from .drain import DrainUnreadBody
 from .errors import ApiError, echo, field_errors, install_error_handlers
+from .events import job_events
 from .guard import HostPolicy, RequestGuard
 from .jobs import DONE, JobManager, QueueFull, Upload, request_from_params
+from .page import install_page
 from .schemas import JobParams
 from .uploads import FORM_OVERHEAD_BYTES, check_volume_file, private_folder, receive_form
 
@@ -142,6 +144,17 @@ def create_app(manager: JobManager, settings: ServerSettings) -> FastAPI:
         job = job_or_404(job_id)
         return job.status(manager.position(job))
 
+    @app.get("/v1/jobs/{job_id}/events")
+    def events(job_id: str) -> StreamingResponse:
+        """Server-Sent Events: progress, the answer token by token, then the final status (see `events`).
+
+        Closing the stream leaves the job running; only DELETE cancels it."""
+        job = job_or_404(job_id)
+        # The final event is sent once the job has finished: no longer queued, so its position is None.
+        stream = job_events(job, lambda: job.status(None))
+        return StreamingResponse(stream, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
     def finished_file(job_id: str, name: str) -> Path:
         job = job_or_404(job_id)
         if job.state != DONE:
@@ -168,6 +181,7 @@ def create_app(manager: JobManager, settings: ServerSettings) -> FastAPI:
         manager.cancel(job)
         return job.status(manager.position(job))
 
+    install_page(app)   # the web viewer at `/` (same origin, so no CORS)
     return app
 
 

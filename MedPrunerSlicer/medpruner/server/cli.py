@@ -24,7 +24,7 @@ def add_serve_parser(commands) -> None:
         description="Loads the model once and answers jobs one at a time on its device. Binds 127.0.0.1 by "
                     "default and refuses any other address without a token. Finished jobs are kept for "
                     "--keep-minutes and at most --keep-jobs of them, then deleted with their files. API: "
-                    "GET /v1/health, POST /v1/jobs, GET /v1/jobs/{id}[/result|/heatmaps/kept|/heatmaps/attention], "
+                    "GET /v1/health, POST /v1/jobs, GET /v1/jobs/{id}[/result|/events|/heatmaps/kept|/heatmaps/attention], "
                     "DELETE /v1/jobs/{id}; interactive docs at /docs.")
     serve.add_argument("--model", required=True, help="checkpoint directory or hub id, or tiny for the demo model (random weights)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -151,6 +151,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _uvicorn_server(uvicorn, config, manager):
+    """A uvicorn server that ends the open event streams as it begins to stop: an open stream would
+    otherwise hold the stop for uvicorn's graceful timeout, and the Slicer module kills after 5 s."""
+    class StreamEndingServer(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            manager.end_streams()
+            await super().shutdown(sockets=sockets)
+
+    return StreamEndingServer(config)
+
+
 def _serve(args: argparse.Namespace, token: str | None, sock: socket.socket, port: int, root: Path, uvicorn,
            running: dict) -> None:
     """Load the model, then serve until a signal; `running["manager"]` is the job manager, for the caller to stop."""
@@ -181,4 +192,4 @@ def _serve(args: argparse.Namespace, token: str | None, sock: socket.socket, por
     # stopped: let that one pass, so the caller's cleanup runs instead of the default "die at once".
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     signal.signal(signal.SIGINT, lambda signum, frame: None)
-    uvicorn.Server(config).run(sockets=[sock])
+    _uvicorn_server(uvicorn, config, manager).run(sockets=[sock])

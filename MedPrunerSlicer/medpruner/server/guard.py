@@ -3,8 +3,8 @@
 In order: the Host header must name this server (a DNS-rebinding page names its own domain), a
 browser Origin must be this server's own or one given with --allow-origin (any other web page the
 radiologist opens could otherwise submit jobs), the access token must be right (every path but
-/v1/health, the docs included, and before a 404), and a declared Content-Length must be within the
-upload limit.
+/v1/health and the web page's own files, which hold no data; the docs included, and before a 404),
+and a declared Content-Length must be within the upload limit.
 
 Every refusal closes the connection. Before it does, a body of declared length within the limit is
 read and discarded (`drain.DrainUnreadBody`; nothing is stored, within a deadline), so a client that
@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from starlette.datastructures import Headers
 
 from .errors import error_response
+from .page import is_page_path
 
 OPEN_PATHS = frozenset({"/v1/health"})
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -127,7 +128,7 @@ class RequestGuard:
             return error_response(403, "forbidden_origin", "Requests from other web sites are refused.",
                                   "Call the API from a script or the Slicer module, or start the server with "
                                   "--allow-origin ORIGIN for a web page you trust.", close)
-        if self.token is not None and scope["path"] not in OPEN_PATHS:
+        if self.token is not None and scope["path"] not in OPEN_PATHS and not is_page_path(scope["path"]):
             scheme, _, given = headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
                 return error_response(401, "unauthorized", "Missing or wrong access token.",

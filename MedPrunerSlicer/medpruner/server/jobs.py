@@ -5,8 +5,9 @@ and at most `keep_jobs` of them, then deleted with their files.
 A queued job holds its upload as the file the client sent, on disk in its private folder, never
 as decoded voxels in memory; the worker reads it (in a limited child process, `bounded_read`)
 only when the job runs, and deletes the upload folder right after, whether the read worked or not.
-A queue slot is reserved before an upload's body is read, so a full queue is a 429 that costs
-nothing.
+A job keeps its answer as it is generated (`answer_so_far` in its status); each change wakes the
+job's event streams through its `events.JobFeed`. A queue slot is reserved before an upload's body
+is read, so a full queue is a 429 that costs nothing.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from ..errors import Cancelled, MedPrunerError
 from ..pipeline import AskRequest, run_ask
 from .bounded_read import read_upload
 from .errors import scrub
+from .events import JobFeed
 
 log = logging.getLogger("medpruner.server")
 
@@ -57,6 +59,8 @@ class Job:
     started: float | None = None
     finished: float | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event)
+    answer: str = ""                # the answer so far; the whole answer once done
+    feed: JobFeed = field(default_factory=JobFeed)
 
     def status(self, position: int | None) -> dict[str, Any]:
         return {
@@ -69,6 +73,7 @@ class Job:
             "created": self.created,
             "started": self.started,
             "finished": self.finished,
+            "answer_so_far": self.answer,
         }
 
 
@@ -172,14 +177,22 @@ class JobManager:
                 job.cancel_event.set()   # the worker stops at the next stage or token
         log.info("job %s cancel requested", job.id)
 
+    def end_streams(self) -> None:
+        """The HTTP server is stopping: end every job's event stream now (jobs are stopped later, by `stop`)."""
+        with self.lock:
+            jobs = list(self.jobs.values())
+        for job in jobs:
+            job.feed.close()
+
     def queue_length(self) -> int:
         with self.lock:
             return len(self.queue)
 
     # -- worker side ----------------------------------------------------------------------------
     def _finish(self, job: Job, state: str, error: dict[str, str] | None = None) -> None:
-        job.state, job.error, job.finished = state, error, time.time()
-        job.stage = state
+        job.error, job.finished, job.stage = error, time.time(), state
+        job.state = state   # last: a stream that sees the final state has everything else
+        job.feed.changed()
 
     def _work(self) -> None:
         while True:
@@ -191,6 +204,7 @@ class JobManager:
                     return
                 job = self.queue.popleft()
                 job.state, job.started, job.stage = RUNNING, time.time(), "load"
+            job.feed.changed()
             self._run(job)
             with self.lock:
                 self._expire()
@@ -198,6 +212,11 @@ class JobManager:
     def _run(self, job: Job) -> None:
         def progress(stage: str, fraction: float) -> None:
             job.stage, job.progress = stage, fraction
+            job.feed.changed()
+
+        def on_text(delta: str, text: str) -> None:
+            job.answer = text
+            job.feed.changed()
 
         started = time.perf_counter()
         self._relieve_memory_pressure()
@@ -211,7 +230,7 @@ class JobManager:
                     _remove_upload(job)   # the file the client sent is gone, read or not
             run_ask(self.engine, image, job.request, job.out_dir, progress=progress,
                     cancel=job.cancel_event.is_set, prepared_cache=self.prepared_cache, volume_id=job.volume_id,
-                    make_parents=False)
+                    make_parents=False, on_text=on_text)
             del image
             state, error = DONE, None
             job.progress = 1.0
