@@ -17,12 +17,10 @@ from pydantic import ValidationError
 
 from .. import __version__
 from ..errors import InputError
-from ..pipeline import preparation_settings, settings_differences
 from .drain import DrainUnreadBody
 from .errors import ApiError, echo, field_errors, install_error_handlers
-from .events import job_events
 from .guard import HostPolicy, RequestGuard
-from .jobs import DONE, JobManager, QueueFull, Upload, request_from_params
+from .jobs import DONE, QueueFull, Upload, request_from_params
 from .page import install_page
 from .schemas import JobParams
 from .uploads import FORM_OVERHEAD_BYTES, check_volume_file, private_folder, receive_form
@@ -53,7 +51,8 @@ def _parse_params(text: str | None) -> JobParams:
                        "Fix the named field; unknown fields are refused.") from exc
 
 
-def create_app(manager: JobManager, settings: ServerSettings) -> FastAPI:
+def create_app(manager, settings: ServerSettings) -> FastAPI:
+    """The API over `manager`: a jobs.JobManager (one process) or a cluster_front.ClusterJobManager (replicas)."""
     app = FastAPI(title="MedPruner server", version=__version__,
                   description="Ask a vision-language model about a CT/MR volume, with MedPruner token pruning.")
     install_error_handlers(app)
@@ -76,24 +75,14 @@ def create_app(manager: JobManager, settings: ServerSettings) -> FastAPI:
 
     @app.get("/v1/health")
     def health() -> dict:
-        engine = manager.engine
-        return {
-            "status": "ok",
-            "model_id": engine.model_id,
-            "model_family": engine.adapter.family,
-            "demo_model": bool(getattr(engine, "is_demo_model", False)),
-            "device": str(engine.device),
-            "dtype": str(engine.dtype).replace("torch.", ""),
-            "version": __version__,
-            "queue_length": manager.queue_length(),
-            "auth": settings.token is not None,
-        }
+        return {"status": "ok", **manager.health(), "version": __version__, "auth": settings.token is not None}
 
     @app.post("/v1/jobs", status_code=202)
     async def submit(request: Request) -> JSONResponse:
         """multipart/form-data: `params` (JSON) and, unless params names a volume_id, the `volume` file."""
         try:
-            slot = manager.reserve()   # before the body: a full queue costs the client nothing to learn
+            # before the body: a full queue costs the client nothing to learn
+            slot = await run_in_threadpool(manager.reserve)
         except QueueFull as exc:
             raise ApiError(429, "queue_full", f"The queue is full ({manager.max_queue} jobs waiting).",
                            "Try again in a little while.",
@@ -118,14 +107,14 @@ def create_app(manager: JobManager, settings: ServerSettings) -> FastAPI:
                     raise ApiError(422, "invalid_params", "Send either a volume file or a volume_id, not both.",
                                    "Leave out the file to ask about the prepared volume, or the volume_id to send "
                                    "a new one.")
-                _check_prepared(manager, job_params.volume_id, ask_request)
+                await run_in_threadpool(_check_prepared, manager, job_params.volume_id, ask_request)
             else:
                 if form.volume is None:
                     raise ApiError(400, "no_file", "No volume file was sent.",
                                    "Attach the volume as the multipart field 'volume', or give a volume_id.")
                 kind, path = await run_in_threadpool(check_volume_file, form.volume, settings.max_volume_bytes)
                 upload = Upload(folder=folder, path=path, kind=kind)
-            job = manager.submit(slot, ask_request, upload, job_params.volume_id)
+            job = await run_in_threadpool(manager.submit, slot, ask_request, upload, job_params.volume_id)
             queued = upload is not None
         except ApiError as exc:   # an unread rest of the body is discarded if of declared length, else cut off
             exc.headers["Connection"] = "close"
@@ -133,7 +122,7 @@ def create_app(manager: JobManager, settings: ServerSettings) -> FastAPI:
         except QueueFull as exc:   # the server began stopping while the body arrived
             raise ApiError(503, "stopping", "The server is shutting down.", "Try again once it is back.") from exc
         finally:
-            manager.release(slot)
+            await run_in_threadpool(manager.release, slot)
             if not queued:
                 shutil.rmtree(folder, ignore_errors=True)
         return JSONResponse({"job_id": job.id, "state": job.state, "position": manager.position(job)},
@@ -149,9 +138,7 @@ def create_app(manager: JobManager, settings: ServerSettings) -> FastAPI:
         """Server-Sent Events: progress, the answer token by token, then the final status (see `events`).
 
         Closing the stream leaves the job running; only DELETE cancels it."""
-        job = job_or_404(job_id)
-        # The final event is sent once the job has finished: no longer queued, so its position is None.
-        stream = job_events(job, lambda: job.status(None))
+        stream = manager.events(job_or_404(job_id))
         return StreamingResponse(stream, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -185,16 +172,14 @@ def create_app(manager: JobManager, settings: ServerSettings) -> FastAPI:
     return app
 
 
-def _check_prepared(manager: JobManager, volume_id: str, ask_request) -> None:
+def _check_prepared(manager, volume_id: str, ask_request) -> None:
     """A follow-up names a prepared volume this server holds, with the same preparation settings."""
-    cache = manager.prepared_cache
-    entry = cache.get(volume_id) if cache is not None else None
-    if entry is None:
+    verdict = manager.prepared_verdict(volume_id, ask_request)
+    if verdict == "unknown":
         raise ApiError(404, "unknown_volume", f"No prepared volume {echo(volume_id)} on this server.",
                        "It expired or was evicted: send the volume file again.")
-    requested = preparation_settings(manager.engine, ask_request)
-    if entry.settings != requested:
+    if verdict is not None:
         raise ApiError(409, "settings_mismatch",
                        "The slicing or pruning settings differ from those the volume was prepared with "
-                       f"({settings_differences(entry.settings, requested)}).",
+                       f"({verdict}).",
                        "Send the volume file again with the new settings, or keep the earlier settings.")

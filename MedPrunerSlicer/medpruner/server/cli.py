@@ -52,6 +52,17 @@ def add_serve_parser(commands) -> None:
     serve.add_argument("--keep-minutes", type=float, default=60.0, help="minutes a finished job is kept (default 60)")
     serve.add_argument("--cache-gb", type=float, default=4.0,
                        help="memory for prepared volumes reused by follow-up questions (default 4; 0 disables)")
+    cluster = serve.add_argument_group("replica set (Ray Serve; needs pip install -e \".[cluster]\")")
+    cluster.add_argument("--replicas", type=int, default=None, metavar="N",
+                         help="run N engine replicas on Ray Serve behind this server (one model load each); new "
+                              "jobs go to the least-loaded replica, follow-ups to the one holding their volume; "
+                              "--max-queue then counts the jobs waiting across all of them, and --cache-gb is per "
+                              "replica. See docs/SCALING.md")
+    cluster.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                         help="join this Ray cluster (from one of its machines) instead of starting a local one")
+    cluster.add_argument("--gpus-per-replica", type=float, default=None, metavar="G",
+                         help="GPUs each replica holds: a whole number or 1/k (default 1 when the cluster has "
+                              "GPUs, else 0: CPU replicas)")
     serve.set_defaults(func=cmd_serve)
 
 
@@ -76,6 +87,10 @@ def _check(args: argparse.Namespace) -> None:
             raise InputError(f"{name} must be at least {low}, got {value}.")
     if args.port > 65535:
         raise InputError(f"--port must be at most 65535, got {args.port}.")
+    if args.replicas is not None and args.replicas < 1:
+        raise InputError(f"--replicas must be at least 1, got {args.replicas}.")
+    if args.replicas is None and (args.ray_address or args.gpus_per_replica is not None):
+        raise InputError("--ray-address and --gpus-per-replica only apply to a replica set.", "Add --replicas N.")
     if args.keep_minutes <= 0 or args.cache_gb < 0 or args.read_timeout <= 0:
         raise InputError("--keep-minutes and --read-timeout must be > 0, and --cache-gb >= 0.")
 
@@ -128,6 +143,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     def stop_while_loading(signum, frame) -> None:
         # No job exists before serving starts: delete the folder and leave at once (the model may take minutes).
+        if args.replicas is not None:
+            _stop_ray_quietly()
         remove_workspace(root)
         os._exit(0)
 
@@ -151,6 +168,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stop_ray_quietly() -> None:
+    """A signal while the replica set starts: take down what Ray started, if it did (never raises)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:
+        pass
+
+
 def _uvicorn_server(uvicorn, config, manager):
     """A uvicorn server that ends the open event streams as it begins to stop: an open stream would
     otherwise hold the stop for uvicorn's graceful timeout, and the Slicer module kills after 5 s."""
@@ -165,7 +193,7 @@ def _uvicorn_server(uvicorn, config, manager):
 def _serve(args: argparse.Namespace, token: str | None, sock: socket.socket, port: int, root: Path, uvicorn,
            running: dict) -> None:
     """Load the model, then serve until a signal; `running["manager"]` is the job manager, for the caller to stop."""
-    from ..cli import _load_engine, _StderrProgress
+    from ..cli import _load_engine, _resolve_model, _StderrProgress
     from ..prepared_cache import PreparedCache
     from .app import ServerSettings, create_app
     from .bounded_read import ReadLimits
@@ -173,21 +201,34 @@ def _serve(args: argparse.Namespace, token: str | None, sock: socket.socket, por
     from .jobs import JobManager
 
     progress = _StderrProgress()
-    engine = _load_engine(args.model, args.device, args.dtype, progress)
-    cache = PreparedCache(int(args.cache_gb * 2**30)) if args.cache_gb > 0 else None
     max_volume = args.max_volume_mb * 2**20
-    manager = JobManager(engine, root / "jobs", max_queue=args.max_queue, keep_jobs=args.keep_jobs,
-                         keep_seconds=args.keep_minutes * 60, prepared_cache=cache,
-                         read_limits=ReadLimits(max_decoded_bytes=max_volume, timeout_s=args.read_timeout))
-    manager.start()
+    read_limits = ReadLimits(max_decoded_bytes=max_volume, timeout_s=args.read_timeout)
+    if args.replicas is not None:
+        from ..checkpoints import check_model_reachable
+        from .cluster_front import start_replica_set
+
+        model = _resolve_model(args.model, progress)   # the demo model is built once, here, not by each replica
+        check_model_reachable(model)                   # an unknown model is said before Ray starts
+        manager = start_replica_set(args, model, root / "jobs", read_limits, progress.say)
+        model_id = manager.health()["model_id"]
+    else:
+        engine = _load_engine(args.model, args.device, args.dtype, progress)
+        cache = PreparedCache(int(args.cache_gb * 2**30)) if args.cache_gb > 0 else None
+        manager = JobManager(engine, root / "jobs", max_queue=args.max_queue, keep_jobs=args.keep_jobs,
+                             keep_seconds=args.keep_minutes * 60, prepared_cache=cache, read_limits=read_limits)
+        manager.start()
+        model_id = engine.model_id
     running["manager"] = manager
     policy = HostPolicy(args.host, port, allowed_hosts=args.allowed_host, allow_origins=args.allow_origin)
     app = create_app(manager, ServerSettings(token=token, max_upload_bytes=args.max_upload_mb * 2**20,
                                              upload_root=root / "uploads", max_volume_bytes=max_volume, policy=policy))
     shown = f"[{args.host}]" if ":" in args.host else args.host
-    progress.say(f"serving {engine.model_id} on http://{shown}:{port} "
+    progress.say(f"serving {model_id} on http://{shown}:{port} "
                  f"({'token required' if token else 'no token'}); Ctrl-C stops")
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2, lifespan="off")
+    # h11 and asyncio, named: uvicorn would pick httptools/uvloop when installed (Ray brings both), and the
+    # guard's refusals (CL+TE, drains, 408s) were verified on these.
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2, lifespan="off", http="h11",
+                            loop="asyncio")
     # uvicorn handles SIGTERM/SIGINT while it serves (graceful stop), then raises the signal again once it has
     # stopped: let that one pass, so the caller's cleanup runs instead of the default "die at once".
     signal.signal(signal.SIGTERM, lambda signum, frame: None)

@@ -20,6 +20,7 @@ import asyncio
 import json
 import math
 import threading
+from dataclasses import dataclass
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -81,32 +82,59 @@ def sse(event: str, data: dict[str, Any]) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-async def job_events(job, status: Callable[[], dict[str, Any]],
-                     keepalive_s: float = KEEPALIVE_S) -> AsyncIterator[bytes]:
-    """The event stream of `job` (a jobs.Job) until its final event; `status()` gives its final status.
+@dataclass(frozen=True)
+class Snapshot:
+    """What a stream needs of a job at one moment; `final` is its status once it has finished."""
 
-    The worker sets the answer before the state, so reading the state first and the answer second
-    never sends a final event without the answer's last delta.
-    """
-    feed: JobFeed = job.feed
+    state: str
+    stage: str
+    progress: float
+    answer: str
+    final: dict[str, Any] | None = None
+
+
+async def status_events(snapshots: AsyncIterator[Snapshot | None]) -> AsyncIterator[bytes]:
+    """The events for a sequence of snapshots of one job (None: nothing changed, send a keep-alive).
+
+    The same stream whether the snapshots come from this process (`job_snapshots`) or from the job
+    board of a replica set (`cluster_front`): the event shapes cannot drift between the two."""
     sent_chars = 0
     sent_progress: tuple[str, float] | None = None
-    while True:
-        version = feed.version        # before reading the job: a later change wakes the wait below
-        state = job.state
-        stage, progress, answer = job.stage, job.progress, job.answer
-        if state not in FINISHED:
-            shown = (stage, math.floor(progress * PROGRESS_STEPS + 1e-9) / PROGRESS_STEPS)
+    async for snapshot in snapshots:
+        if snapshot is None:
+            yield b": keep-alive\n\n"
+            continue
+        if snapshot.state not in FINISHED:
+            shown = (snapshot.stage, math.floor(snapshot.progress * PROGRESS_STEPS + 1e-9) / PROGRESS_STEPS)
             if shown != sent_progress:
                 sent_progress = shown
                 yield sse("progress", {"stage": shown[0], "progress": shown[1]})
-        if len(answer) > sent_chars:
-            yield sse("token", {"delta": answer[sent_chars:], "text": answer})
-            sent_chars = len(answer)
-        if state in FINISHED:
-            yield sse(state, status())
+        if len(snapshot.answer) > sent_chars:
+            yield sse("token", {"delta": snapshot.answer[sent_chars:], "text": snapshot.answer})
+            sent_chars = len(snapshot.answer)
+        if snapshot.state in FINISHED:
+            yield sse(snapshot.state, snapshot.final)
             return
-        if feed.closed:
+
+
+async def job_snapshots(job, status: Callable[[], dict[str, Any]],
+                        keepalive_s: float = KEEPALIVE_S) -> AsyncIterator[Snapshot | None]:
+    """Snapshots of a job of this process (a jobs.Job) as it changes, until it finishes or its feed closes.
+
+    The worker sets the answer before the state, so reading the state first and the answer second
+    never gives a finished snapshot without the answer's last delta."""
+    feed: JobFeed = job.feed
+    while True:
+        version = feed.version        # before reading the job: a later change wakes the wait below
+        state = job.state
+        finished = state in FINISHED
+        yield Snapshot(state, job.stage, job.progress, job.answer, status() if finished else None)
+        if finished or feed.closed:
             return
         if await feed.wait(version, keepalive_s) == version:
-            yield b": keep-alive\n\n"
+            yield None
+
+
+def job_events(job, status: Callable[[], dict[str, Any]], keepalive_s: float = KEEPALIVE_S) -> AsyncIterator[bytes]:
+    """The event stream of `job` (a jobs.Job) until its final event; `status()` gives its final status."""
+    return status_events(job_snapshots(job, status, keepalive_s))

@@ -27,7 +27,8 @@ from ..errors import Cancelled, MedPrunerError
 from ..pipeline import AskRequest, run_ask
 from .bounded_read import read_upload
 from .errors import scrub
-from .events import JobFeed
+from .events import JobFeed, job_events
+from .job_status import job_status
 
 log = logging.getLogger("medpruner.server")
 
@@ -63,18 +64,7 @@ class Job:
     feed: JobFeed = field(default_factory=JobFeed)
 
     def status(self, position: int | None) -> dict[str, Any]:
-        return {
-            "job_id": self.id,
-            "state": self.state,
-            "stage": self.stage,
-            "progress": round(self.progress, 4),
-            "position": position,
-            "error": self.error,
-            "created": self.created,
-            "started": self.started,
-            "finished": self.finished,
-            "answer_so_far": self.answer,
-        }
+        return job_status(self, position)
 
 
 class QueueFull(Exception):
@@ -188,6 +178,18 @@ class JobManager:
         with self.lock:
             return len(self.queue)
 
+    def health(self) -> dict[str, Any]:
+        """The model and queue facts of GET /v1/health."""
+        return {**engine_facts(self.engine), "queue_length": self.queue_length()}
+
+    def prepared_verdict(self, volume_id: str, request: AskRequest) -> str | None:
+        """None when a follow-up about `volume_id` can be queued, else why not (see `prepared_verdict`)."""
+        return prepared_verdict(self.engine, self.prepared_cache, volume_id, request)
+
+    def events(self, job: Job):
+        """The job's Server-Sent Events; its final event is sent once it has finished (position None)."""
+        return job_events(job, lambda: job.status(None))
+
     # -- worker side ----------------------------------------------------------------------------
     def _finish(self, job: Job, state: str, error: dict[str, str] | None = None) -> None:
         job.error, job.finished, job.stage = error, time.time(), state
@@ -219,61 +221,19 @@ class JobManager:
             job.feed.changed()
 
         started = time.perf_counter()
-        self._relieve_memory_pressure()
+        relieve_memory_pressure(self.engine, self.prepared_cache)
         try:
-            image = None
-            if job.upload is not None:
-                progress("load", 0.0)
-                try:
-                    image = read_upload(job.upload.path, job.upload.kind, self.read_limits, job.cancel_event.is_set)
-                finally:
-                    _remove_upload(job)   # the file the client sent is gone, read or not
-            run_ask(self.engine, image, job.request, job.out_dir, progress=progress,
-                    cancel=job.cancel_event.is_set, prepared_cache=self.prepared_cache, volume_id=job.volume_id,
-                    make_parents=False, on_text=on_text)
-            del image
-            state, error = DONE, None
-            job.progress = 1.0
-        except Cancelled:
-            state, error = CANCELLED, None
-        except MedPrunerError as exc:
-            state, error = FAILED, {"code": exc.code, "message": exc.message, "hint": exc.hint}
-        except Exception as exc:   # a failing job never takes the worker down
-            if _is_out_of_memory(exc) and self.prepared_cache is not None:
-                self.prepared_cache.clear()
-                _empty_accelerator_cache()
-                hint = "The accelerator ran out of memory; the cache of prepared volumes was cleared. Try again " \
-                       "with fewer slices (max_slices) or a smaller model."
-            else:
-                hint = "See the server's log."
-            log.error("job %s failed:\n%s", job.id, traceback.format_exc())
-            state, error = FAILED, {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"[:500],
-                                    "hint": hint}
+            upload, job.upload = job.upload, None   # the job owns it no longer: execute_job deletes it
+            state, error = execute_job(self.engine, job.request, upload, job.volume_id, job.out_dir,
+                                       self.prepared_cache, self.read_limits, job.cancel_event.is_set,
+                                       progress, on_text, job.id)
+            if state == DONE:
+                job.progress = 1.0
         finally:
             _remove_upload(job)
-        if error is not None:
-            error = {key: scrub(value) if key != "code" else value for key, value in error.items()}
         with self.lock:
             self._finish(job, state, error)
-        if state != DONE:
-            shutil.rmtree(job.out_dir, ignore_errors=True)
         log.info("job %s %s in %.2f s", job.id, state, time.perf_counter() - started)
-
-    def _relieve_memory_pressure(self) -> None:
-        """Before a job: drop cached prepared volumes, oldest first, while the device's memory is nearly full."""
-        if self.prepared_cache is None:
-            return
-        from ..prepared_cache import MIN_FREE_FRACTION, free_memory_fraction
-
-        device = self.engine.device
-
-        def under_pressure() -> bool:
-            fraction = free_memory_fraction(device)
-            return fraction is not None and fraction < MIN_FREE_FRACTION
-
-        dropped = self.prepared_cache.evict_while(under_pressure)
-        if dropped:
-            log.warning("memory nearly full: dropped %d cached prepared volume(s)", dropped)
 
     def _expire(self) -> None:
         """Delete finished jobs past the time limit, then the oldest beyond the count limit (lock held)."""
@@ -285,6 +245,91 @@ class JobManager:
                 del self.jobs[job.id]
                 shutil.rmtree(job.out_dir, ignore_errors=True)
 
+
+
+def execute_job(engine, request: AskRequest, upload: Upload | None, volume_id: str | None, out_dir: Path,
+                prepared_cache, read_limits, cancel, progress, on_text, job_id: str) -> tuple[str, dict | None]:
+    """Run one job to its end: (state, error) with the error fit for a client; `out_dir` holds the outputs
+    only when the state is DONE. The upload's folder is deleted as soon as it was read, or failed to be.
+
+    The one place a job runs, for the single server's worker and for each replica of a replica set,
+    so both answer, fail and clean up alike."""
+    try:
+        image = None
+        if upload is not None:
+            progress("load", 0.0)
+            try:
+                image = read_upload(upload.path, upload.kind, read_limits, cancel)
+            finally:
+                shutil.rmtree(upload.folder, ignore_errors=True)   # the file the client sent is gone, read or not
+        run_ask(engine, image, request, out_dir, progress=progress, cancel=cancel, prepared_cache=prepared_cache,
+                volume_id=volume_id, make_parents=False, on_text=on_text)
+        del image
+        state, error = DONE, None
+    except Cancelled:
+        state, error = CANCELLED, None
+    except MedPrunerError as exc:
+        state, error = FAILED, {"code": exc.code, "message": exc.message, "hint": exc.hint}
+    except Exception as exc:   # a failing job never takes the worker down
+        if _is_out_of_memory(exc) and prepared_cache is not None:
+            prepared_cache.clear()
+            _empty_accelerator_cache()
+            hint = "The accelerator ran out of memory; the cache of prepared volumes was cleared. Try again " \
+                   "with fewer slices (max_slices) or a smaller model."
+        else:
+            hint = "See the server's log."
+        log.error("job %s failed:\n%s", job_id, traceback.format_exc())
+        state, error = FAILED, {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"[:500],
+                                "hint": hint}
+    finally:
+        if upload is not None:
+            shutil.rmtree(upload.folder, ignore_errors=True)
+    if error is not None:
+        error = {key: scrub(value) if key != "code" else value for key, value in error.items()}
+    if state != DONE:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    return state, error
+
+
+def relieve_memory_pressure(engine, prepared_cache) -> None:
+    """Before a job: drop cached prepared volumes, oldest first, while the device's memory is nearly full."""
+    if prepared_cache is None:
+        return
+    from ..prepared_cache import MIN_FREE_FRACTION, free_memory_fraction
+
+    device = engine.device
+
+    def under_pressure() -> bool:
+        fraction = free_memory_fraction(device)
+        return fraction is not None and fraction < MIN_FREE_FRACTION
+
+    dropped = prepared_cache.evict_while(under_pressure)
+    if dropped:
+        log.warning("memory nearly full: dropped %d cached prepared volume(s)", dropped)
+
+
+def engine_facts(engine) -> dict[str, Any]:
+    """The model facts /v1/health reports, as plain values (a replica sends them to the front)."""
+    return {
+        "model_id": engine.model_id,
+        "model_family": engine.adapter.family,
+        "demo_model": bool(getattr(engine, "is_demo_model", False)),
+        "device": str(engine.device),
+        "dtype": str(engine.dtype).replace("torch.", ""),
+    }
+
+
+def prepared_verdict(engine, prepared_cache, volume_id: str, request: AskRequest) -> str | None:
+    """Why a follow-up about `volume_id` cannot be answered here: "unknown", the settings that differ, or None."""
+    from ..pipeline import preparation_settings, settings_differences
+
+    entry = prepared_cache.get(volume_id) if prepared_cache is not None else None
+    if entry is None:
+        return "unknown"
+    requested = preparation_settings(engine, request)
+    if entry.settings != requested:
+        return settings_differences(entry.settings, requested)
+    return None
 
 def _remove_upload(job: Job) -> None:
     if job.upload is not None:

@@ -44,13 +44,15 @@ def _alive(pid: int, start_time: str | None) -> bool:
     return True
 
 
-def create_workspace(parent: str | os.PathLike | None = None) -> Path:
-    """A fresh 0700 folder with uploads/ and jobs/, marked as this process's."""
-    root = Path(tempfile.mkdtemp(prefix=PREFIX, dir=parent))
+def create_workspace(parent: str | os.PathLike | None = None, subfolders: bool = True, kind: str = "") -> Path:
+    """A fresh 0700 folder (with uploads/ and jobs/ unless `subfolders` is False), marked as this process's;
+    `kind` goes into its name after the prefix (e.g. "replica-"), so the sweep covers every kind."""
+    root = Path(tempfile.mkdtemp(prefix=PREFIX + kind, dir=parent))
     marker = {"pid": os.getpid(), "start_time": _start_time(os.getpid()), "created": time.time()}
     (root / MARKER).write_text(json.dumps(marker))
-    (root / "uploads").mkdir(mode=0o700)
-    (root / "jobs").mkdir(mode=0o700)
+    if subfolders:
+        (root / "uploads").mkdir(mode=0o700)
+        (root / "jobs").mkdir(mode=0o700)
     return root
 
 
