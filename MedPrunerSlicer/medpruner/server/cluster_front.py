@@ -74,7 +74,7 @@ class ClusterJobManager:
     engine = None
     prepared_cache = None
 
-    def __init__(self, board, handle, root: Path, max_queue: int, shutdown) -> None:
+    def __init__(self, board, handle, root: Path, max_queue: int, replicas: int, shutdown) -> None:
         import ray
 
         self.ray = ray
@@ -82,7 +82,9 @@ class ClusterJobManager:
         self.shutdown_cluster = shutdown
         self.responses: dict[str, Any] = {}       # job id -> its Serve response, while the job is outstanding
         self.lock = threading.Lock()
-        self.followers = ThreadPoolExecutor(max_workers=64, thread_name_prefix="medpruner-follow")
+        # One thread waits on each outstanding job: as many as the set admits (a restarted replica adds one).
+        self.followers = ThreadPoolExecutor(max_workers=2 * replicas + max_queue,
+                                            thread_name_prefix="medpruner-follow")
         self.stopping = threading.Event()
         self.streams_closed = asyncio.Event()
         self.expirer = threading.Thread(target=self._expire_periodically, name="medpruner-expire", daemon=True)
@@ -455,4 +457,4 @@ def start_replica_set(args, model: str, root: Path, read_limits, say) -> Cluster
     except BaseException:
         shutdown()
         raise
-    return ClusterJobManager(board, handle, root, args.max_queue, shutdown)
+    return ClusterJobManager(board, handle, root, args.max_queue, plan.replicas, shutdown)
