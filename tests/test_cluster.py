@@ -355,7 +355,8 @@ def test_killing_a_replica_mid_job_fails_that_job_and_the_other_keeps_serving(cl
     assert survivor in replica_ids(cluster.client) and len(replica_ids(cluster.client) - {victim}) == REPLICAS
 
 
-def test_sigterm_stops_the_set_and_leaves_no_folder_or_process(cluster):
+def test_sigterm_mid_job_stops_the_set_and_leaves_no_folder_or_process(cluster, volumes):
+    long_job(cluster.client, volumes[1])             # running, with an upload read and outputs on the way
     pids = [int(pid) for pid in re.findall(r"replica \w+ (?:ready )?on \S+ \(pid (\d+)\)", cluster.log.read_text())]
     assert len(pids) >= REPLICAS
     ray_dirs = [p for p in Path("/tmp").glob("medpruner-serve-ray-*")

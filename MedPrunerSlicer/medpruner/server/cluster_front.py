@@ -352,7 +352,7 @@ def _sweep_replica_folders(wait_s: float = 3.0) -> None:
 
     deadline = time.monotonic() + wait_s
     while True:
-        sweep_dead_workspaces()
+        sweep_dead_workspaces(announce=False)
         if time.monotonic() > deadline or not _live_replica_folders():
             return
         time.sleep(0.1)

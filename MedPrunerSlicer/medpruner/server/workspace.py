@@ -56,8 +56,9 @@ def create_workspace(parent: str | os.PathLike | None = None, subfolders: bool =
     return root
 
 
-def sweep_dead_workspaces(parent: str | os.PathLike | None = None) -> list[Path]:
-    """Delete the workspaces of servers that are no longer running (this user's only); return them."""
+def sweep_dead_workspaces(parent: str | os.PathLike | None = None, announce: bool = True) -> list[Path]:
+    """Delete the workspaces of servers that are no longer running (this user's only); return them.
+    `announce` False: the caller just stopped their owners itself, so they are no sign of a crash."""
     base = Path(parent or tempfile.gettempdir())
     swept = []
     try:
@@ -79,7 +80,7 @@ def sweep_dead_workspaces(parent: str | os.PathLike | None = None) -> list[Path]
         if dead and folder.resolve() != Path.cwd().resolve():
             shutil.rmtree(folder, ignore_errors=True)
             swept.append(folder)
-    if swept:
+    if swept and announce:
         log.warning("deleted %d folder(s) left by servers that did not stop cleanly", len(swept))
     return swept
 
