@@ -71,9 +71,6 @@ def _replica_lost_error() -> dict[str, str]:
 class ClusterJobManager:
     """`jobs.JobManager`'s interface over a job board and a Ray Serve deployment handle."""
 
-    engine = None
-    prepared_cache = None
-
     def __init__(self, board, handle, root: Path, max_queue: int, replicas: int, shutdown) -> None:
         import ray
 
@@ -316,7 +313,6 @@ class ReplicaPlan:
     replicas: int
     gpus_per_replica: float
     device: str
-    local: bool
 
 
 def plan_replicas(replicas: int, device: str, gpus_per_replica: float | None, cluster_gpus: float,
@@ -342,7 +338,7 @@ def plan_replicas(replicas: int, device: str, gpus_per_replica: float | None, cl
     if gpus_per_replica == 0 and not local and replicas > cluster_cpus:
         raise InputError(f"{replicas} CPU replicas need {replicas} CPUs; the Ray cluster has {cluster_cpus:g}.",
                          "Use fewer --replicas.")
-    return ReplicaPlan(replicas, gpus_per_replica, "cuda" if gpus_per_replica > 0 else "cpu", local)
+    return ReplicaPlan(replicas, gpus_per_replica, "cuda" if gpus_per_replica > 0 else "cpu")
 
 
 def _sweep_replica_folders(wait_s: float = 3.0) -> None:
